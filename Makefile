@@ -1,0 +1,31 @@
+# distill: the two commands a new user needs are `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3
+ARGS   ?=
+
+.PHONY: setup run test lint bench clean
+
+setup: $(VENV)/.installed
+
+# Idempotent: re-installs only when the project's metadata or pins change.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+run: setup
+	$(PY) -m distill.pipeline $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check distill teachers students tests
+
+bench: setup
+	$(PY) -m distill.bench $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache
