@@ -1,0 +1,102 @@
+"""What every Hydra app shares: seeding, loggers (wandb offline by default, or CSV), the Trainer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from distill.config import LoggerConfig
+
+
+def resolved_dict(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def make_logger(lcfg: LoggerConfig, out_dir: Path, stage: str, run_config: dict[str, Any]) -> Any:
+    """One logger per stage. wandb runs offline unless WANDB_MODE says otherwise; it never needs a key."""
+    if lcfg.kind == "none":
+        return False
+    if lcfg.kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(out_dir), name="csv", version="")
+    if lcfg.kind != "wandb":
+        from distill.errors import ConfigError
+
+        raise ConfigError("logger.kind", f"unknown logger '{lcfg.kind}'.", "use wandb, csv or none.")
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = os.environ.get("WANDB_MODE", lcfg.mode)
+    return WandbLogger(
+        project=lcfg.project,
+        entity=lcfg.entity,
+        group=lcfg.group,
+        tags=list(lcfg.tags) or None,
+        job_type=stage,
+        name=f"{lcfg.group + '-' if lcfg.group else ''}{stage}",
+        save_dir=str(out_dir),
+        offline=mode == "offline",
+        mode=mode,
+        config=run_config,
+    )
+
+
+def finish_logger(logger: Any) -> None:
+    """Close the stage's wandb run so the next stage (or multirun job) starts a new one."""
+    if logger and type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()
+
+
+def build_strategy(strategy: Any) -> Any:
+    if isinstance(strategy, (DictConfig, dict)) and "_target_" in strategy:
+        return instantiate(strategy)
+    return strategy
+
+
+def build_trainer(cfg: Any, out_dir: Path, logger: Any, extra_callbacks: list | None = None) -> L.Trainer:
+    """A Trainer from the `trainer`, `checkpoint` and `strategy` config nodes."""
+    t = cfg.trainer
+    ckpt = ModelCheckpoint(
+        dirpath=str(out_dir / "checkpoints"),
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint.every_n_steps,
+        save_last=cfg.checkpoint.save_last,
+        save_top_k=-1,
+    )
+    callbacks: list = [ckpt, *(extra_callbacks or [])]
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return L.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        strategy=build_strategy(cfg.strategy),
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(out_dir),
+        num_sanity_val_steps=0,
+    )
+
+
+def named_strategy(name: str) -> str:
+    """`conf/strategy/auto.yaml`: a strategy Lightning knows by name."""
+    return name
