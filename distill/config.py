@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from distill.data.config import DataConfig
 from distill.kd import KDConfig
 from distill.models.config import ModelConfig
+from students.config import StudentConfig
 
 
 @dataclass
@@ -69,11 +70,16 @@ class CheckpointConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """``python -m distill.pretrain``: train a teacher (or any model) on the LM objective."""
+class TeacherConfig:
+    kind: str = "native"  # "native" (an export dir or .ckpt of this project) | "hf" (Hugging Face)
+    path: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    """What every app shares."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -85,7 +91,37 @@ class PretrainConfig:
     resume: Optional[str] = None  # "last", a checkpoint path, or None
 
 
+@dataclass
+class PretrainConfig(RunConfig):
+    """``python -m distill.pretrain``: train a teacher (or any model) on the LM objective."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class DistillConfig(RunConfig):
+    """``python -m distill.distill``: a Mixture-of-Students distilled from ``teacher.path``."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    stage: str = "distill"
+
+
+@dataclass
+class PipelineConfig(DistillConfig):
+    """``python -m distill.pipeline`` (``make run``): teacher -> three students -> report."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # the teacher's architecture, when pretrained
+    teacher_max_steps: Optional[int] = None  # None -> trainer.max_steps
+    gen_tokens: int = 64  # new tokens per sequence when measuring generation speed
+    gen_batch: int = 4
+    stage: str = "pipeline"
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="distill_schema", node=DistillConfig)
+    cs.store(name="pipeline_schema", node=PipelineConfig)

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
 from distill.errors import ConfigError
-from distill.models import ModelConfig, build_model
+from distill.models import GPT, ModelConfig, load_model_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -34,10 +34,6 @@ def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     if OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return asdict(cfg)
-
-
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), d))  # type: ignore[return-value]
 
 
 def export_model(
@@ -81,8 +77,8 @@ def load_exported(path: str | os.PathLike, key: str = "teacher.path") -> tuple[t
             "point it at the `export/` directory written by `python -m distill.pretrain`.",
         )
     payload = json.loads((p / CONFIG).read_text())
-    cfg = model_config_from_dict(payload["model"])
-    model = build_model(cfg)
+    cfg = load_model_config(payload["model"])
+    model = GPT(cfg)
     load_model(model, str(p / WEIGHTS))
     return model, cfg
 

@@ -5,17 +5,19 @@ The model knows nothing about training; this module owns the objective, the opti
 
 from __future__ import annotations
 
+import gc
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
 from distill.config import OptimConfig
-from distill.models import ModelConfig, build_model, configure_optimizer_groups
+from distill.kd import KDConfig, KDSchedule, kd_loss, top1_agreement
+from distill.models import GPT, ModelConfig, configure_optimizer_groups, lm_loss
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -33,10 +35,6 @@ def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return ids[:, :-1], ids[:, 1:]
 
 
-def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 class LMModule(L.LightningModule):
     """Next-token LM training: ``loss = CE + aux_coef * aux + z_coef * z``."""
 
@@ -46,19 +44,20 @@ class LMModule(L.LightningModule):
         self.model_cfg = model_cfg
         self.optim = optim
         self.max_steps = max_steps
-        self.model = build_model(model_cfg)
+        self.model = GPT(model_cfg)
         self.val_loss = MeanMetric()
         self._t_last: float | None = None
         self.tokens_seen = 0
         self.train_time_s = 0.0  # wall time of timed steps (the first step, with warm-up, excluded)
         self.train_tokens_timed = 0
+        self.val_history: list[tuple[int, float]] = []  # (step, val loss) of each validation during fit
 
     # ----------------------------------------------------------------------------- training
     def lm_terms(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         """The LM objective's terms for one batch, and the model output (the distillation module reuses it)."""
         inputs, targets = split_batch(batch)
         out = self.model(inputs)
-        ce = token_ce(out.logits, targets)
+        ce = lm_loss(out.logits, targets)
         loss = ce + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
         return {"loss": loss, "ce": ce, "aux": out.aux_loss, "z": out.z_loss}, out
 
@@ -115,13 +114,15 @@ class LMModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = split_batch(batch)
         out = self.model(inputs)
-        self.val_loss.update(token_ce(out.logits, targets), weight=targets.numel())
+        self.val_loss.update(lm_loss(out.logits, targets), weight=targets.numel())
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
         self.log("val/loss", loss, sync_dist=False)
         self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        if self.trainer.state.fn == "fit":
+            self.val_history.append((self.global_step, float(loss)))
 
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -132,3 +133,135 @@ class LMModule(L.LightningModule):
             opt, lambda s: warmup_cosine(s, o.warmup_steps, self.max_steps, o.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _TeacherSlot:
+    """Holds the teacher outside the module tree: never in ``state_dict``, ``parameters()`` or the optimizer."""
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+
+
+class DistillModule(LMModule):
+    """Staged KD: ``ce_weight * CE + w(step) * KD + aux`` while KD is on, ``CE + aux`` after the stop step.
+
+    The teacher is loaded lazily by ``teacher_loader`` at the first step that needs it (so a run resumed
+    after the stop step never loads it), kept frozen in eval mode and run under inference mode, and
+    released (memory freed) at the stop step; from then on it is never run again.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim: OptimConfig,
+        max_steps: int,
+        kd: KDConfig,
+        teacher_loader: Callable[[], torch.nn.Module] | None = None,
+        teacher: dict[str, str] | None = None,
+    ):
+        super().__init__(model_cfg, optim, max_steps)
+        self.save_hyperparameters(ignore=["teacher_loader"])
+        self.kd = kd
+        self.schedule = KDSchedule(kd, max_steps)
+        self.teacher_loader = teacher_loader
+        self.teacher_info = teacher  # {"path": ..., "sha256": ...} of the configured teacher
+        self._slot = _TeacherSlot()
+        self.teacher_calls = 0
+        self.teacher_released = False
+        self.val_kl = MeanMetric()
+        self.val_agree = MeanMetric()
+
+    # ----------------------------------------------------------------------------- the teacher
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        return self._slot.model
+
+    def kd_active(self, step: int | None = None) -> bool:
+        return self.teacher_loader is not None and self.schedule.active(self.global_step if step is None else step)
+
+    def ensure_teacher(self) -> torch.nn.Module:
+        if self._slot.model is None:
+            if self.teacher_released:
+                raise RuntimeError("the teacher was released at the KD stop step and must not run again")
+            assert self.teacher_loader is not None
+            model = self.teacher_loader()
+            model.eval().requires_grad_(False)
+            self._slot.model = model.to(self.device)
+        return self._slot.model
+
+    def release_teacher(self) -> None:
+        if self._slot.model is not None:
+            self._slot.model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self.teacher_released = True
+
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        teacher = self.ensure_teacher()
+        self.teacher_calls += 1
+        with torch.inference_mode():
+            logits = teacher(inputs).logits
+        v = self.model_cfg.vocab_size
+        # an ordinary tensor (inference tensors cannot be saved for the student's backward)
+        return logits[..., :v].clone()
+
+    # ----------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        step = self.global_step
+        active = self.kd_active(step)
+        if not active and self.teacher_loader is not None and not self.teacher_released:
+            self.release_teacher()
+        terms, out = self.lm_terms(batch)
+        if active:
+            inputs, targets = split_batch(batch)
+            t_logits = self.teacher_logits(inputs)
+            k = self.kd
+            kd = kd_loss(out.logits, t_logits, loss=k.loss, temperature=k.temperature, beta=k.beta,
+                         chunk_size=k.chunk_size)
+            weight = self.schedule.weight(step)
+            terms["loss"] = (k.ce_weight * terms["ce"] + weight * kd + self.optim.aux_coef * terms["aux"]
+                             + self.optim.z_coef * terms["z"])
+            terms["kd"] = kd
+            self.log("kd/weight", weight)
+            self.log("teacher/ce", lm_loss(t_logits, targets))
+        self.log("kd/active", float(active))
+        self.log_terms("train", terms, out)
+        return terms["loss"]
+
+    # ----------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        inputs, targets = split_batch(batch)
+        out = self.model(inputs)
+        self.val_loss.update(lm_loss(out.logits, targets), weight=targets.numel())
+        if self.kd_active() and not self.teacher_released:
+            t_logits = self.teacher_logits(inputs)
+            kl = kd_loss(out.logits, t_logits, loss="forward_kl", temperature=1.0, chunk_size=self.kd.chunk_size)
+            self.val_kl.update(kl, weight=targets.numel())
+            self.val_agree.update(top1_agreement(out.logits, t_logits), weight=targets.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.val_kl.update_called:
+            self.log("val/kl_teacher", self.val_kl.compute())
+            self.log("val/top1_agree", self.val_agree.compute())
+        self.val_kl.reset()
+        self.val_agree.reset()
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["distill"] = {"teacher": self.teacher_info, "kd_stop_step": self.schedule.stop_step}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = (checkpoint.get("distill") or {}).get("teacher")
+        mine = self.teacher_info
+        if recorded and mine and recorded.get("sha256") != mine.get("sha256"):
+            from distill.errors import ConfigError
+
+            raise ConfigError(
+                "teacher.path",
+                f"this checkpoint was distilled from teacher {recorded.get('path')} "
+                f"(sha256 {str(recorded.get('sha256'))[:12]}), but the run is configured with "
+                f"{mine.get('path')} (sha256 {str(mine.get('sha256'))[:12]}).",
+                "resume with the original teacher, or start a new run directory.",
+            )

@@ -1,0 +1,108 @@
+"""Hydra app: distil a Mixture-of-Students from a teacher with staged KD.
+
+    python -m distill.distill teacher.path=outputs/.../export kd=staged student.depth_ratio=0.875
+
+The student is derived from the teacher's architecture (`student` config), trained with
+``ce_weight * CE + w * KD + aux`` until the KD stop step and ``CE + aux`` after it, when the teacher
+is released. Checkpoints record the teacher's path and content hash.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from distill.config import register_configs
+from distill.data import LMDataModule
+from distill.errors import ConfigError, exit_on_config_error
+from distill.export import export_model
+from distill.kd import KDSchedule
+from distill.models import ModelConfig
+from distill.modules import DistillModule
+from distill.pretrain import final_metrics, prepare_data, resume_path
+from distill.training import build_trainer, finish_logger, make_logger, resolved_dict
+from students.mos import derive_student, init_student_from_teacher
+from teachers.native import load_native_teacher, read_native_teacher_config, teacher_ref
+
+
+def _obj(node: Any) -> Any:
+    return OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+
+
+def teacher_source(cfg: Any) -> tuple[ModelConfig, Any, dict[str, str] | None]:
+    """(teacher architecture, a zero-argument loader, {path, sha256}) for the configured teacher.
+
+    Only the architecture is read here; the weights are loaded by the loader, when a step needs them.
+    """
+    t = cfg.teacher
+    if t.path is None:
+        raise ConfigError("teacher.path", "no teacher given.", "set teacher.path=<export dir or .ckpt>.")
+    if t.kind != "native":
+        raise ConfigError("teacher.kind", f"unknown teacher kind '{t.kind}'.", "use teacher.kind=native.")
+    teacher_cfg = read_native_teacher_config(t.path)
+    ref = teacher_ref(t.path)
+    loader = partial(lambda p: load_native_teacher(p)[0], t.path)
+    return teacher_cfg, loader, {"path": ref.path, "sha256": ref.sha256}
+
+
+def run_distill(cfg: Any, out_dir: Path, dm: LMDataModule | None = None) -> dict[str, Any]:
+    """Train one student. Returns the stage summary (also used by the pipeline's report)."""
+    L.seed_everything(cfg.seed, workers=True)
+    dm = dm or prepare_data(cfg)
+    teacher_cfg, loader, ref = teacher_source(cfg)
+    if teacher_cfg.vocab_size < dm.vocab_size:
+        raise ConfigError(
+            "data.tokenizer",
+            f"the teacher's vocabulary ({teacher_cfg.vocab_size}) is smaller than the data's tokenizer "
+            f"({dm.vocab_size}): teacher and student must share the vocabulary.",
+            "use the tokenizer the teacher was trained with (its export's tokenizer.json).",
+        )
+    student_cfg = derive_student(teacher_cfg, _obj(cfg.student), vocab_size=dm.vocab_size)
+    kd = _obj(cfg.kd)
+    schedule = KDSchedule(kd, cfg.trainer.max_steps)  # validates kd.* against trainer.max_steps
+    module = DistillModule(student_cfg, cfg.optim, cfg.trainer.max_steps, kd,
+                           teacher_loader=loader if schedule.stop_step != 0 else None, teacher=ref)
+    ckpt_path = resume_path(cfg.resume, out_dir)
+    if cfg.student.init == "teacher" and ckpt_path is None:
+        init_student_from_teacher(module.model, loader(), _obj(cfg.student))
+    logger = make_logger(cfg.logger, out_dir, cfg.stage, resolved_dict(cfg))
+    trainer = build_trainer(cfg, out_dir, logger)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    summary = final_metrics(trainer, module, dm)
+    summary.update(
+        params_total=module.model.num_params(),
+        params_active=module.model.num_active_params(),
+        kd_stop_step=schedule.stop_step,
+        teacher_calls=module.teacher_calls,
+        val_history=module.val_history,
+        export_dir=str(out_dir / "export"),
+    )
+    if trainer.is_global_zero:
+        export_model(module.model, student_cfg, out_dir / "export", tokenizer=dm.tokenizer,
+                     meta={"stage": cfg.stage, "teacher": ref, "data_fingerprint": dm.fingerprint})
+    summary["model"] = module.model
+    finish_logger(logger)
+    return summary
+
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="distill")
+@exit_on_config_error
+def main(cfg: DictConfig) -> None:
+    summary = run_distill(cfg, Path(cfg.out_dir))
+    print(
+        f"[distill] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
+        f"KD stopped at step {summary['kd_stop_step']}  teacher calls {summary['teacher_calls']}  "
+        f"export -> {summary['export_dir']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

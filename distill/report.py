@@ -1,0 +1,69 @@
+"""The pipeline's report: one row per model, as Markdown + JSON + a PNG of validation-loss curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("params_total", "params_active", "val_loss", "val_ppl", "train_tokens_per_s", "gen_tokens_per_s")
+HEADERS = ("model", "params (total)", "params (active)", "val loss", "val ppl", "train tok/s", "gen tok/s")
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if key.startswith("params"):
+        return f"{v / 1e6:.2f}M" if v >= 1e5 else f"{v:,}"
+    if key.endswith("tokens_per_s"):
+        return f"{v:,.0f}"
+    return f"{v:.4f}" if key == "val_loss" else f"{v:.2f}"
+
+
+def markdown_table(models: dict[str, dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for name, row in models.items():
+        lines.append("| " + " | ".join([name] + [_fmt(k, row.get(k)) for k in COLUMNS]) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, points in curves.items():
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, marker="o", markersize=3, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    out_dir: Path, models: dict[str, dict[str, Any]], curves: dict[str, list[tuple[int, float]]],
+    notes: list[str] | None = None,
+) -> dict[str, Path]:
+    """Write report.json, report.md and val_loss.png into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = {name: {k: row.get(k) for k in (*COLUMNS, *[k for k in row if k not in COLUMNS])}
+            for name, row in models.items()}
+    png = plot_curves(curves, out_dir / "val_loss.png", "Mixture-of-Students: validation loss")
+    payload = {"models": rows, "val_curves": {k: [list(p) for p in v] for k, v in curves.items()},
+               "notes": notes or []}
+    (out_dir / "report.json").write_text(json.dumps(payload, indent=2, default=float))
+    md = ["# distill report", "", markdown_table(models), ""]
+    md += [f"- {n}" for n in notes or []]
+    md += ["", f"![validation loss]({png.name})", ""]
+    (out_dir / "report.md").write_text("\n".join(md))
+    return {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": png}

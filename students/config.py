@@ -1,0 +1,20 @@
+"""How a Mixture-of-Students is derived from its teacher (the `student` config node)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+
+@dataclass
+class StudentConfig:
+    # Depth: n_layers if set, else round(teacher layers * depth_ratio) (the paper: 24 -> 21 = 0.875).
+    n_layers: Optional[int] = None
+    depth_ratio: float = 0.875
+    # Experts per student MoE layer; None keeps the teacher's deepest (expert-rich) MoE layers,
+    # e.g. teacher [32]*10 + [64]*2 -> student [32]*8 + [64]*2 (DeepSpeed-MoE's MoS).
+    num_experts: Optional[List[int]] = None
+    # "scratch" (the paper) or "teacher": copy embeddings, final norm and a subset of teacher blocks.
+    init: str = "scratch"
+    # init=teacher: the teacher block index for each student block; None = keep the deepest blocks.
+    teacher_layers: Optional[List[int]] = None

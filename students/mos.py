@@ -1,0 +1,105 @@
+"""Mixture-of-Students: a shallower PR-MoE derived from the teacher's architecture (DeepSpeed-MoE).
+
+Depth is reduced (24 -> 21 layers in the paper) while the deep, expert-rich MoE layers are kept: the
+student's MoE blocks take the expert counts of the teacher's *last* MoE blocks ([32]*10 + [64]*2 ->
+[32]*8 + [64]*2). A student is trained from scratch (the paper) or initialised from the teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from distill.errors import ConfigError
+from distill.models import ModelConfig
+from students.config import StudentConfig
+
+
+def student_depth(teacher: ModelConfig, s: StudentConfig) -> int:
+    if s.n_layers is not None:
+        n = s.n_layers
+        key = "student.n_layers"
+    else:
+        if not 0 < s.depth_ratio <= 1:
+            raise ConfigError("student.depth_ratio", f"must be in (0, 1], got {s.depth_ratio}.")
+        n = max(1, math.floor(teacher.n_layers * s.depth_ratio + 1e-9))
+        key = "student.depth_ratio"
+    if not 1 <= n <= teacher.n_layers:
+        raise ConfigError(
+            key,
+            f"gives a student of {n} layers for a teacher of {teacher.n_layers}; a Mixture-of-Students "
+            "must be at least 1 layer and no deeper than its teacher.",
+            f"set student.n_layers between 1 and {teacher.n_layers}.",
+        )
+    return n
+
+
+def derive_student(teacher: ModelConfig, s: StudentConfig, vocab_size: int | None = None) -> ModelConfig:
+    """The student's architecture: the teacher's, with fewer layers and the deepest MoE layers' experts."""
+    n = student_depth(teacher, s)
+    n_moe = sum(teacher.is_moe_block(i) for i in range(n))
+    if s.num_experts is not None:
+        experts = list(s.num_experts)
+        if len(experts) != n_moe:
+            raise ConfigError(
+                "student.num_experts",
+                f"has {len(experts)} entries but a {n}-layer student has {n_moe} MoE blocks.",
+                f"give {n_moe} expert counts, or null to keep the teacher's deepest MoE layers.",
+            )
+    else:
+        experts = list(teacher.num_experts[len(teacher.num_experts) - n_moe:]) if n_moe else []
+    return replace(
+        teacher,
+        name=f"{teacher.name}-mos{n}",
+        n_layers=n,
+        num_experts=experts,
+        vocab_size=vocab_size or teacher.vocab_size,
+    ).validate()
+
+
+def default_teacher_layers(teacher: ModelConfig, student: ModelConfig) -> list[int]:
+    """For each student block, the teacher block it copies: the same kind (dense / MoE), deepest kept."""
+    mapping = []
+    for moe in (False, True):
+        t = [i for i in range(teacher.n_layers) if teacher.is_moe_block(i) == moe]
+        s = [i for i in range(student.n_layers) if student.is_moe_block(i) == moe]
+        mapping += list(zip(s, t[len(t) - len(s):]))
+    return [ti for _, ti in sorted(mapping)]
+
+
+@torch.no_grad()
+def init_student_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, s: StudentConfig) -> list[int]:
+    """Copy embeddings, final norm and the chosen teacher blocks into ``student``; returns the mapping."""
+    scfg, tcfg = student.cfg, teacher.cfg
+    mapping = list(s.teacher_layers) if s.teacher_layers is not None else default_teacher_layers(tcfg, scfg)
+    if len(mapping) != scfg.n_layers:
+        raise ConfigError(
+            "student.teacher_layers",
+            f"has {len(mapping)} entries for a student of {scfg.n_layers} layers.",
+            "give one teacher block index per student block.",
+        )
+    t_blocks, s_blocks = list(teacher.blocks), list(student.blocks)
+    for si, ti in enumerate(mapping):
+        if not 0 <= ti < len(t_blocks):
+            raise ConfigError("student.teacher_layers", f"teacher block {ti} does not exist "
+                              f"(the teacher has {len(t_blocks)}).")
+        t_state, s_block = t_blocks[ti].state_dict(), s_blocks[si]
+        mismatch = [k for k, v in s_block.state_dict().items() if k not in t_state or t_state[k].shape != v.shape]
+        if mismatch or len(t_state) != len(s_block.state_dict()):
+            raise ConfigError(
+                "student.teacher_layers",
+                f"student block {si} cannot copy teacher block {ti}: different kind or expert count "
+                f"(first differing entries: {mismatch[:3]}).",
+                "map MoE blocks to MoE blocks with the same number of experts, dense to dense.",
+            )
+        s_block.load_state_dict(t_state)
+    t_rest = {k: v for k, v in teacher.state_dict().items() if not k.startswith("blocks.")}
+    s_rest = {k: v for k, v in student.state_dict().items() if not k.startswith("blocks.")}
+    for k, v in s_rest.items():
+        if t_rest[k].shape != v.shape:
+            raise ConfigError("data.tokenizer", f"teacher and student disagree on `{k}` "
+                              f"({tuple(t_rest[k].shape)} vs {tuple(v.shape)}).")
+        v.copy_(t_rest[k])
+    return mapping
