@@ -7,6 +7,12 @@ from typing import NamedTuple
 
 import torch
 
+from distill.errors import ConfigError
+
+ACTIVATIONS = ("gelu", "swiglu")
+SCORE_FUNCS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position", "random")
+
 
 @dataclass
 class MoEConfig:
@@ -27,6 +33,51 @@ class MoEConfig:
     aux_free_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3 style)
     aux_free_bias_rate: float = 1e-3
     use_grouped_mm: bool = True  # torch.nn.functional.grouped_mm where shapes allow
+
+    def validate(self, num_experts: int) -> MoEConfig:
+        """Raise ConfigError naming the first bad `model.moe.*` key for a layer of `num_experts`; return self."""
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ConfigError(
+                "model.num_experts", f"expert counts must be integers >= 1, got {num_experts!r}."
+            )
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= num_experts:
+            raise ConfigError(
+                "model.moe.top_k",
+                f"must be an integer between 1 and the layer's expert count {num_experts}, got {self.top_k!r}.",
+            )
+        for key, value, choices in (
+            ("activation", self.activation, ACTIVATIONS),
+            ("score_func", self.score_func, SCORE_FUNCS),
+            ("drop_policy", self.drop_policy, DROP_POLICIES),
+        ):
+            if value not in choices:
+                raise ConfigError(
+                    f"model.moe.{key}", f"unknown value {value!r}.", f"use one of {list(choices)}."
+                )
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff <= 0):
+            raise ConfigError("model.moe.d_ff", f"must be a positive integer or null, got {self.d_ff!r}.")
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(
+                    f"model.moe.{key}",
+                    f"must be > 0, got {getattr(self, key)!r}.",
+                    "use e.g. 1.0-2.0, or set model.moe.dropless=true for no capacity limit.",
+                )
+        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            raise ConfigError(
+                "model.moe.min_capacity", f"must be an integer >= 0, got {self.min_capacity!r}."
+            )
+        if not 0.0 <= self.jitter_eps < 1.0:
+            raise ConfigError("model.moe.jitter_eps", f"must be in [0, 1), got {self.jitter_eps!r}.")
+        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ConfigError(
+                "model.moe.num_shared_experts", f"must be an integer >= 0, got {self.num_shared_experts!r}."
+            )
+        if self.aux_free_bias_rate < 0:
+            raise ConfigError(
+                "model.moe.aux_free_bias_rate", f"must be >= 0, got {self.aux_free_bias_rate!r}."
+            )
+        return self
 
 
 class MoEStats(NamedTuple):

@@ -1,0 +1,153 @@
+"""The MoE layer: route, sort (token, choice) pairs by global expert, apply capacity, dispatch to the
+local experts, combine with the gate values; optional residual dense MLP and shared experts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.errors import ConfigError
+from distill.moe.config import MoEConfig, MoEStats
+from distill.moe.dispatch import LocalDispatcher, TokenDispatcher
+from distill.moe.experts import MLP, GroupedExperts
+from distill.moe.router import Router, Routing
+
+
+def as_moe_config(cfg: MoEConfig | Mapping[str, Any]) -> MoEConfig:
+    """A MoEConfig from a MoEConfig or a mapping (a Hydra node); unknown keys raise ConfigError."""
+    if isinstance(cfg, MoEConfig):
+        return cfg
+    fields = set(MoEConfig.__dataclass_fields__)
+    for key in cfg:
+        if key not in fields:
+            raise ConfigError(f"model.moe.{key}", "is not an MoE option.", f"use one of {sorted(fields)}.")
+    return MoEConfig(**dict(cfg))
+
+
+def sort_by_expert(
+    expert_idx: torch.Tensor, counts: torch.Tensor, priority: torch.Tensor | None, capacity: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the T*k (token, choice) pairs (flat index t*k + j) by expert and apply capacity.
+
+    Within an expert, pairs are ranked by descending `priority` (None: token order); with a `capacity`,
+    each expert keeps its first `capacity` pairs. Returns (order: kept flat pair indices sorted by
+    expert, kept counts per expert [E]).
+    """
+    flat = expert_idx.flatten()
+    if priority is None:
+        order = flat.argsort(stable=True)
+    else:
+        by_priority = priority.argsort(descending=True, stable=True)
+        order = by_priority[flat[by_priority].argsort(stable=True)]
+    if capacity is None:
+        return order, counts
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(flat.numel(), device=flat.device) - starts.repeat_interleave(
+        counts, output_size=flat.numel()
+    )
+    return order[rank < capacity], counts.clamp(max=capacity)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts FFN: `forward(x [..., d]) -> (y [..., d], MoEStats)` (see DESIGN.md, "MoE layer").
+
+    Submodules: `router`, `experts` (GroupedExperts, the only expert parameters), `mlp` and `coef`
+    (residual), `shared_mlp` (the shared experts as one dense MLP of width num_shared_experts * d_ff,
+    which equals the sum of that many experts). `dispatcher` moves tokens to the experts; an
+    expert-parallel strategy replaces it (and slices `experts`).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, cfg: MoEConfig | Mapping[str, Any]):
+        super().__init__()
+        cfg = as_moe_config(cfg).validate(num_experts)
+        self.cfg = cfg
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = cfg.top_k
+        d_ff = cfg.d_ff if cfg.d_ff is not None else d_ff
+        if d_ff <= 0:
+            raise ConfigError("model.d_ff", f"the expert hidden size must be positive, got {d_ff}.")
+        self.router = Router(d_model, num_experts, cfg)
+        self.experts = GroupedExperts(num_experts, d_model, d_ff, cfg.activation, cfg.use_grouped_mm)
+        self.mlp = MLP(d_model, d_ff, cfg.activation) if cfg.residual else None
+        self.coef = nn.Linear(d_model, 2) if cfg.residual else None
+        self.shared_mlp = (
+            MLP(d_model, cfg.num_shared_experts * d_ff, cfg.activation) if cfg.num_shared_experts else None
+        )
+        self.dispatcher: TokenDispatcher = LocalDispatcher()
+        self.init_weights(0.02, 0.02)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        """N(0, std) for input projections and the router, N(0, out_std) for output projections."""
+        self.router.init_weights(std)
+        self.experts.init_weights(std, out_std)
+        if self.mlp is not None:
+            self.mlp.init_weights(std, out_std)
+            nn.init.normal_(self.coef.weight, std=std)
+            nn.init.zeros_(self.coef.bias)
+        if self.shared_mlp is not None:
+            self.shared_mlp.init_weights(std, out_std)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Pairs each expert may keep: max(min_capacity, ceil(k * cf * T / E)), at most T; None when
+        nothing can be dropped (dropless, or the capacity reaches T)."""
+        if self.cfg.dropless:
+            return None
+        cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        cap = max(self.cfg.min_capacity, math.ceil(self.top_k * cf * num_tokens / self.num_experts))
+        return cap if cap < num_tokens else None
+
+    def drop_priority(self, routing: Routing) -> torch.Tensor | None:
+        """Rank of pairs within an expert when it overflows: gate value, token position, or random."""
+        policy = self.cfg.drop_policy
+        if policy == "random" and not self.training:
+            policy = "probs"  # eval is deterministic
+        if policy == "probs":
+            return routing.gates.detach().flatten()
+        if policy == "random":
+            return torch.rand(routing.gates.numel(), device=routing.gates.device)
+        return None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        num_pairs = x.shape[0] * self.top_k
+        routing = self.router(x)
+        capacity = self.capacity(x.shape[0])
+        priority = self.drop_priority(routing) if capacity is not None else None
+        order, counts = sort_by_expert(routing.expert_idx, routing.choice_counts, priority, capacity)
+        token_idx = order.div(self.top_k, rounding_mode="floor")
+        rows, local_counts, handle = self.dispatcher.dispatch(x.index_select(0, token_idx), counts)
+        out = self.dispatcher.combine(self.experts(rows, local_counts), handle)
+        gates = routing.gates.flatten().index_select(0, order).to(out.dtype)
+        y = out.new_zeros(x.shape[0], out.shape[1]).index_add_(0, token_idx, out * gates.unsqueeze(1))
+        if self.mlp is not None:
+            c = F.softmax(self.coef(x), dim=-1)
+            y = y * c[:, :1] + self.mlp(x) * c[:, 1:]
+        if self.shared_mlp is not None:
+            y = y + self.shared_mlp(x)
+        stats = MoEStats(
+            aux_loss=routing.aux_loss,
+            z_loss=routing.z_loss,
+            tokens_per_expert=counts,
+            drop_fraction=1.0 - counts.sum().float() / num_pairs,
+        )
+        return y.reshape(shape), stats
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> None:
+        """Aux-loss-free balancing: move each expert's bias by `aux_free_bias_rate` toward the mean load
+        (up if it got fewer pairs than average since the last call, down if more), then reset the
+        counts. Called before each optimizer step; a no-op without `aux_free_bias`. Under data
+        parallelism, all-reduce `router.balance_counts` before calling."""
+        if self.router.balance_bias is None:
+            return
+        counts = self.router.balance_counts
+        self.router.balance_bias += self.cfg.aux_free_bias_rate * torch.sign(counts.mean() - counts)
+        counts.zero_()

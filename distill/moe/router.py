@@ -1,0 +1,80 @@
+"""Top-k router: fp32 scores, train-only noise, gate values, load-balancing and z losses.
+
+The router only chooses; capacity and token movement are the layer's job.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.moe.config import MoEConfig
+
+
+class Routing(NamedTuple):
+    expert_idx: torch.Tensor  # [T, k] long, chosen global expert ids
+    gates: torch.Tensor  # [T, k] fp32 gate values from the clean probabilities
+    choice_counts: torch.Tensor  # [E] long, (token, choice) pairs per expert before capacity
+    aux_loss: torch.Tensor  # scalar, E * sum_e f_e * P_e (1.0 at perfect balance)
+    z_loss: torch.Tensor  # scalar, mean(logsumexp(logits)^2)
+
+
+class Router(nn.Module):
+    """`logits = x @ W_g` in fp32 -> softmax or sigmoid scores -> top-k experts per token.
+
+    Training-only noise: multiplicative jitter on the router input (`jitter_eps`), Gumbel noise on the
+    logits for the choice only (`gumbel_noise`). With `aux_free_bias`, a per-expert bias (buffer
+    `balance_bias`) is added to the scores for the choice only; the choice counts of training passes
+    accumulate in the buffer `balance_counts` until the layer updates the bias.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = cfg.top_k
+        self.score_func = cfg.score_func
+        self.renormalize = cfg.renormalize
+        self.jitter_eps = cfg.jitter_eps
+        self.gumbel_noise = cfg.gumbel_noise
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.balance_bias: torch.Tensor | None = None
+        if cfg.aux_free_bias:
+            self.register_buffer("balance_bias", torch.zeros(num_experts))
+            self.register_buffer("balance_counts", torch.zeros(num_experts), persistent=False)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x [T, d] -> Routing."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.training and self.jitter_eps > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            logits = F.linear(x, self.weight.float())
+            probs = self.scores(logits)
+            choice = probs
+            if self.training and self.gumbel_noise:  # -log(Exp(1)) is a standard Gumbel sample
+                choice = self.scores(logits.detach() - torch.empty_like(logits).exponential_().log())
+            if self.balance_bias is not None:
+                choice = choice.detach() + self.balance_bias
+            expert_idx = choice.topk(self.top_k, dim=-1).indices
+            gates = probs.gather(-1, expert_idx)
+            if self.renormalize and self.top_k > 1:
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+            counts = torch.bincount(expert_idx.flatten(), minlength=self.num_experts)
+            if self.training and self.balance_bias is not None:
+                self.balance_counts += counts
+            # Switch load balancing, normalised over T*k pairs so that perfect balance gives 1.0 for any k
+            # (sigmoid scores are normalised per token first, as in DeepSeek-V3).
+            frac = counts.float() / expert_idx.numel()
+            p = probs if self.score_func == "softmax" else probs / probs.sum(dim=-1, keepdim=True)
+            aux = self.num_experts * (frac * p.mean(dim=0)).sum()
+            z = torch.logsumexp(logits, dim=-1).square().mean()
+        return Routing(expert_idx, gates, counts, aux, z)
