@@ -1,0 +1,112 @@
+"""Decoder configuration (the `model` config node): schema, validation and loading from Hydra/YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional  # noqa: UP035 (typing generics: OmegaConf structured-config schema)
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distill.errors import ConfigError
+from distill.moe.config import MoEConfig
+
+REQUIRED = ("name", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-style decoder whose FFN is an MoE layer in every `moe_every`-th block.
+
+    Block ``i`` (0-based) is an MoE block when ``moe_every > 0 and (i + 1) % moe_every == 0``;
+    ``num_experts`` lists the expert count of each MoE block in order (the PR-MoE pyramid).
+    """
+
+    name: str = MISSING
+    vocab_size: int = MISSING
+    d_model: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    d_ff: Optional[int] = None  # noqa: UP045  dense MLP hidden size; None -> 4 * d_model
+    max_seq_len: int = MISSING
+    moe_every: int = 2  # 0 -> a dense model (no MoE blocks)
+    num_experts: List[int] = field(default_factory=list)  # noqa: UP006  one entry per MoE block
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    bias: bool = True  # biases in linear layers and LayerNorms
+    init_std: float = 0.02
+
+    @property
+    def ffn_dim(self) -> int:
+        """Hidden size of the dense MLPs."""
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_block(self, i: int) -> bool:
+        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_block(i) for i in range(self.n_layers))
+
+    def validate(self) -> ModelConfig:
+        """Raise ConfigError naming the first bad key; return self."""
+        for key in REQUIRED:
+            if getattr(self, key) == MISSING:
+                raise ConfigError(f"model.{key}", "is required but not set.", f"set `model.{key}`.")
+        for key in REQUIRED[1:]:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{key}", f"must be a positive integer, got {value!r}.")
+        if self.d_model % self.n_heads != 0:
+            raise ConfigError(
+                "model.n_heads",
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}.",
+                "pick n_heads that divides d_model.",
+            )
+        if self.head_dim % 2 != 0:
+            raise ConfigError(
+                "model.n_heads",
+                f"head size d_model/n_heads={self.head_dim} is odd; rotary embeddings need an even one.",
+            )
+        if self.d_ff is not None and self.d_ff <= 0:
+            raise ConfigError("model.d_ff", f"must be positive or null (4 * d_model), got {self.d_ff}.")
+        if self.moe_every < 0:
+            raise ConfigError("model.moe_every", f"must be >= 0 (0 = no MoE blocks), got {self.moe_every}.")
+        n_moe = self.num_moe_layers
+        if len(self.num_experts) != n_moe:
+            raise ConfigError(
+                "model.num_experts",
+                f"has {len(self.num_experts)} entries but n_layers={self.n_layers}, "
+                f"moe_every={self.moe_every} give {n_moe} MoE blocks.",
+                f"give one expert count per MoE block ({n_moe} entries).",
+            )
+        if n_moe:
+            self.moe.validate(min(self.num_experts))  # model.moe.* and expert counts >= 1
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}.")
+        if self.rope_theta <= 0:
+            raise ConfigError("model.rope_theta", f"must be positive, got {self.rope_theta}.")
+        if self.init_std <= 0:
+            raise ConfigError("model.init_std", f"must be positive, got {self.init_std}.")
+        return self
+
+
+def load_model_config(cfg: ModelConfig | DictConfig | dict[str, Any]) -> ModelConfig:
+    """Merge `cfg` (a Hydra node, a dict or a ModelConfig) onto the schema, validate, return a ModelConfig.
+
+    Unknown keys and wrongly typed values become ConfigError naming the `model.*` key.
+    """
+    if isinstance(cfg, ModelConfig):
+        return cfg.validate()
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg))
+    except OmegaConfBaseException as err:  # unknown key, wrong type, missing value
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"model.{key}" if key else "model", str(err).splitlines()[0]) from err
+    assert isinstance(obj, ModelConfig)
+    return obj.validate()

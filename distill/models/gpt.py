@@ -1,0 +1,351 @@
+"""A GPT-style decoder (nanoGPT layout) whose FFN is a (PR-)MoE layer every `moe_every` blocks.
+
+Tied embeddings, rotary positions, pre-norm LayerNorm, causal attention through
+`scaled_dot_product_attention`, a KV cache for generation. No training concerns live here: the
+forward pass returns logits and the MoE layers' statistics; losses are computed by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from distill.models.config import ModelConfig, load_model_config
+from distill.moe import MoELayer, MoEStats
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [B, L, V]
+    aux_loss: torch.Tensor  # scalar: sum of the MoE layers' load-balancing losses (0 without MoE)
+    z_loss: torch.Tensor  # scalar: sum of the MoE layers' router z-losses
+    moe_stats: list[MoEStats]  # one per MoE layer, in depth order
+
+
+# ----------------------------------------------------------------------------------------------------
+# rotary position embeddings (rotate-half form)
+
+
+def rope_tables(
+    head_dim: int, positions: torch.Tensor, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [L, head_dim] for integer `positions` [L], computed in fp32."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., L, head_dim] by its positions' angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values of every attention layer for a batch of sequences being decoded.
+
+    `pos` is the number of positions already written; `GPT.forward` advances it after each call.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v [B, H, L, hd] of `layer` at `pos`; return all keys and values so far."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {end}.")
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------------
+# modules, in the order data flows through them
+
+
+def _init_linear(linear: nn.Linear, std: float) -> None:
+    nn.init.normal_(linear.weight, mean=0.0, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        _init_linear(self.c_attn, std)
+        _init_linear(self.c_proj, out_std)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, L, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=-1)
+        q, k, v = (t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)
+        mask, is_causal = None, False
+        if start == 0:
+            is_causal = L > 1  # keys are exactly the L query positions
+        elif L > 1:  # a chunk after a cached prefix: query i (position start+i) sees keys 0..start+i
+            q_pos = torch.arange(start, start + L, device=x.device)
+            mask = torch.arange(start + L, device=x.device)[None, :] <= q_pos[:, None]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
+
+
+class MLP(nn.Module):
+    """The dense FFN: Linear -> GELU -> Linear."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        _init_linear(self.c_fc, std)
+        _init_linear(self.c_proj, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; its FFN is an MoE layer when `num_experts` is given."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, num_experts: int | None = None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.is_moe = num_experts is not None
+        self.ffn: nn.Module = (
+            MoELayer(cfg.d_model, cfg.ffn_dim, num_experts, cfg.moe) if num_experts is not None else MLP(cfg)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.drop(self.attn(self.ln_1(x), cos, sin, cache))
+        stats = None
+        if self.is_moe:
+            h, stats = self.ffn(self.ln_2(x))
+        else:
+            h = self.ffn(self.ln_2(x))
+        return x + self.drop(h), stats
+
+
+class GPT(nn.Module):
+    """The decoder. `cfg` is a ModelConfig, or a `model` Hydra node / dict (merged onto the schema)."""
+
+    def __init__(self, cfg: ModelConfig | DictConfig | dict[str, Any]):
+        super().__init__()
+        self.cfg = cfg = load_model_config(cfg)
+        experts = iter(cfg.num_experts)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            [Block(cfg, i, next(experts) if cfg.is_moe_block(i) else None) for i in range(cfg.n_layers)]
+        )
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    # -- init and bookkeeping ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, init_std) weights, zero biases, output projections of residual branches
+        (attention, MLPs, experts) N(0, init_std / sqrt(2 * n_layers)).
+
+        The MoE layers initialise their own parameters (`MoELayer.init_weights`) with these two stds.
+        Also initialises a model built on the meta device after `to_empty` (which unties the head).
+        """
+        self.lm_head.weight = self.wte.weight  # tied
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.wte.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            block.ln_1.reset_parameters()
+            block.ln_2.reset_parameters()
+            block.attn.init_weights(std, out_std)
+            block.ffn.init_weights(std, out_std)
+        self.ln_f.reset_parameters()
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers in depth order."""
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def _expert_counts(self) -> list[tuple[int, int, int]]:
+        """(experts in the layer, experts held here, parameters per expert) for each MoE layer."""
+        counts = []
+        for layer in self.moe_layers:
+            local = layer.experts.num_local_experts
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) // local
+            counts.append((layer.num_experts, local, per_expert))
+        return counts
+
+    def num_params(self) -> int:
+        """All parameters, embeddings included (the tied embedding/head matrix counted once).
+
+        Counts every expert of every layer, also when expert parallelism keeps only a slice here.
+        """
+        held = sum(p.numel() for p in self.parameters())
+        return held + sum((n - local) * per for n, local, per in self._expert_counts())
+
+    def num_active_params(self) -> int:
+        """Parameters one token goes through: embeddings included (tied, counted once), every
+        non-expert parameter (attention, norms, dense MLPs, routers, residual MLPs and their mixing
+        coefficients, shared experts) and `top_k` routed experts per MoE layer."""
+        k = self.cfg.moe.top_k
+        return self.num_params() - sum((n - k) * per for n, _, per in self._expert_counts())
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache on the model's device and dtype (`max_len` defaults to max_seq_len)."""
+        w = self.wte.weight
+        return KVCache(
+            self.cfg.n_layers,
+            batch_size,
+            self.cfg.n_heads,
+            max_len or self.cfg.max_seq_len,
+            self.cfg.head_dim,
+            device=w.device,
+            dtype=w.dtype,
+        )
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
+        """Logits for token ids `idx` [B, L]. With a `cache`, `idx` continues the cached positions and the
+        cache is advanced by L."""
+        B, L = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + L > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + L} positions exceeds model.max_seq_len={self.cfg.max_seq_len}."
+            )
+        x = self.drop(self.wte(idx))
+        positions = torch.arange(start, start + L, device=idx.device)
+        cos, sin = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta, x.dtype)
+        stats: list[MoEStats] = []
+        for block in self.blocks:
+            x, s = block(x, cos, sin, cache)
+            if s is not None:
+                stats.append(s)
+        logits = self.lm_head(self.ln_f(x))
+        if cache is not None:
+            cache.pos += L
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else zero
+        z = torch.stack([s.z_loss for s in stats]).sum() if stats else zero
+        return ModelOutput(logits=logits, aux_loss=aux, z_loss=z, moe_stats=stats)
+
+    # -- generation ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        greedy: bool = False,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Continue `idx` [B, L] by `max_new_tokens` tokens, in eval mode; returns [B, L + max_new_tokens].
+
+        With `use_cache` the prompt is prefilled into a KV cache and then one token is fed at a time;
+        without it every step runs the full growing sequence (the reference). `greedy` takes the argmax
+        (deterministic); otherwise samples from softmax(logits / temperature), optionally restricted to
+        the `top_k` most likely tokens. With `return_logits` also returns the raw logits [B, N, V] each
+        new token was chosen from.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        if not greedy and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (or use greedy).")
+        total = idx.size(1) + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ValueError(
+                f"prompt + max_new_tokens = {total} exceeds model.max_seq_len={self.cfg.max_seq_len}."
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            cache = self.new_cache(idx.size(0), total) if use_cache else None
+            out, step_input, step_logits = idx, idx, []
+            for _ in range(max_new_tokens):
+                logits = self(step_input if use_cache else out, cache=cache).logits[:, -1, :]
+                step_logits.append(logits)
+                nxt = _pick_next(logits, temperature, top_k, greedy, generator)
+                out = torch.cat([out, nxt], dim=1)
+                step_input = nxt
+        finally:
+            self.train(was_training)
+        if not return_logits:
+            return out
+        V = self.cfg.vocab_size
+        all_logits = (
+            torch.stack(step_logits, 1)
+            if step_logits
+            else idx.new_zeros((idx.size(0), 0, V), dtype=torch.float32)
+        )
+        return out, all_logits
+
+
+def _pick_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Next token [B, 1] from last-position logits [B, V]."""
+    if greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
