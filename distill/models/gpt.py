@@ -30,22 +30,20 @@ class ModelOutput(NamedTuple):
 # rotary position embeddings (rotate-half form)
 
 
-def rope_tables(
-    head_dim: int, positions: torch.Tensor, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [L, head_dim] for integer `positions` [L], computed in fp32."""
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin tables [L, head_dim] for integer `positions` [L]."""
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
     )
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., L, head_dim] by its positions' angles."""
+    """Rotate x [..., L, head_dim] by its positions' angles; the result keeps x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,6 +117,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless autocast runs over an fp32 cache
         mask, is_causal = None, False
         if start == 0:
             is_causal = L > 1  # keys are exactly the L query positions
@@ -265,7 +264,7 @@ class GPT(nn.Module):
             )
         x = self.drop(self.wte(idx))
         positions = torch.arange(start, start + L, device=idx.device)
-        cos, sin = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
         stats: list[MoEStats] = []
         for block in self.blocks:
             x, s = block(x, cos, sin, cache)
@@ -300,6 +299,9 @@ class GPT(nn.Module):
         (deterministic); otherwise samples from softmax(logits / temperature), optionally restricted to
         the `top_k` most likely tokens. With `return_logits` also returns the raw logits [B, N, V] each
         new token was chosen from.
+
+        MoE capacity applies per forward call, so cached and uncached decoding agree exactly only when
+        no token is dropped (`model.moe.dropless`, or enough `eval_capacity_factor`).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
