@@ -5,6 +5,7 @@ The model knows nothing about training; this module owns the objective, the opti
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
@@ -13,11 +14,25 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 from torchmetrics.aggregation import MeanMetric
 
 from distill.config import OptimConfig
-from distill.kd import KDConfig, KDSchedule, kd_loss, top1_agreement
-from distill.models import GPT, ModelConfig, configure_optimizer_groups, lm_loss
+from distill.kd import KDConfig, KDSchedule, kd_loss_from_config, kl_to_teacher, top1_agreement
+from distill.models import GPT, ModelConfig, configure_optimizer_groups, lm_loss, load_model_config
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses / OmegaConf nodes -> dicts and lists (recursively)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -29,6 +44,12 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def loss_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Which target positions count (None: all; packed blocks have no padding)."""
+    mask = batch.get("loss_mask")
+    return None if mask is None else mask[:, 1:]
+
+
 def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed block of ``seq_len + 1`` tokens -> (inputs, next-token targets)."""
     ids = batch["input_ids"]
@@ -38,9 +59,13 @@ def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 class LMModule(L.LightningModule):
     """Next-token LM training: ``loss = CE + aux_coef * aux + z_coef * z``."""
 
-    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, max_steps: int):
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, max_steps: int, **extra_hparams: Any):
         super().__init__()
-        self.save_hyperparameters()
+        model_cfg = load_model_config(model_cfg)
+        optim = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), optim))
+        # plain containers only: checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(plain({"model_cfg": model_cfg, "optim": optim, "max_steps": max_steps,
+                                         **extra_hparams}))
         self.model_cfg = model_cfg
         self.optim = optim
         self.max_steps = max_steps
@@ -57,7 +82,7 @@ class LMModule(L.LightningModule):
         """The LM objective's terms for one batch, and the model output (the distillation module reuses it)."""
         inputs, targets = split_batch(batch)
         out = self.model(inputs)
-        ce = lm_loss(out.logits, targets)
+        ce = lm_loss(out.logits, targets, loss_mask(batch))
         loss = ce + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
         return {"loss": loss, "ce": ce, "aux": out.aux_loss, "z": out.z_loss}, out
 
@@ -159,10 +184,10 @@ class DistillModule(LMModule):
         teacher_loader: Callable[[], torch.nn.Module] | None = None,
         teacher: dict[str, str] | None = None,
     ):
-        super().__init__(model_cfg, optim, max_steps)
-        self.save_hyperparameters(ignore=["teacher_loader"])
+        super().__init__(model_cfg, optim, max_steps, kd=kd, teacher=teacher)
         self.kd = kd
         self.schedule = KDSchedule(kd, max_steps)
+        self.kd = kd = self.schedule.cfg
         self.teacher_loader = teacher_loader
         self.teacher_info = teacher  # {"path": ..., "sha256": ...} of the configured teacher
         self._slot = _TeacherSlot()
@@ -202,9 +227,7 @@ class DistillModule(LMModule):
         self.teacher_calls += 1
         with torch.inference_mode():
             logits = teacher(inputs).logits
-        v = self.model_cfg.vocab_size
-        # an ordinary tensor (inference tensors cannot be saved for the student's backward)
-        return logits[..., :v].clone()
+        return logits[..., : self.model_cfg.vocab_size]  # padding-only vocabulary entries trimmed
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -217,8 +240,7 @@ class DistillModule(LMModule):
             inputs, targets = split_batch(batch)
             t_logits = self.teacher_logits(inputs)
             k = self.kd
-            kd = kd_loss(out.logits, t_logits, loss=k.loss, temperature=k.temperature, beta=k.beta,
-                         chunk_size=k.chunk_size)
+            kd = kd_loss_from_config(out.logits, t_logits, loss_mask(batch), k)
             weight = self.schedule.weight(step)
             terms["loss"] = (k.ce_weight * terms["ce"] + weight * kd + self.optim.aux_coef * terms["aux"]
                              + self.optim.z_coef * terms["z"])
@@ -236,9 +258,10 @@ class DistillModule(LMModule):
         self.val_loss.update(lm_loss(out.logits, targets), weight=targets.numel())
         if self.kd_active() and not self.teacher_released:
             t_logits = self.teacher_logits(inputs)
-            kl = kd_loss(out.logits, t_logits, loss="forward_kl", temperature=1.0, chunk_size=self.kd.chunk_size)
+            mask = loss_mask(batch)
+            kl = kl_to_teacher(out.logits, t_logits, mask, chunk_size=self.kd.chunk_size)
             self.val_kl.update(kl, weight=targets.numel())
-            self.val_agree.update(top1_agreement(out.logits, t_logits), weight=targets.numel())
+            self.val_agree.update(top1_agreement(out.logits, t_logits, mask), weight=targets.numel())
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

@@ -19,13 +19,13 @@ from distill.config import register_configs
 from distill.distill import run_distill
 from distill.errors import exit_on_config_error
 from distill.evaluate import generation_tokens_per_s
-from distill.pretrain import final_metrics, prepare_data, run_pretrain
+from distill.pretrain import prepare_data, run_pretrain
 from distill.report import markdown_table, write_report
 
 STUDENTS = {
     "student_staged_kd": None,  # kd as configured (conf/kd/staged.yaml: stop at 70% of the steps)
     "student_no_kd": {"stop_step": 0, "stop_fraction": None},
-    "student_full_kd": {"stop_step": None, "stop_fraction": None},
+    "student_full_kd": {"stop_step": None, "stop_fraction": None, "decay": "none"},
 }
 
 

@@ -42,8 +42,8 @@ def load_native_teacher(path: str | Path, key: str = "teacher.path") -> tuple[to
     """Load the teacher frozen: eval mode, no gradients."""
     f = teacher_weights_file(path, key)
     if f.suffix == ".ckpt":
-        ckpt = torch.load(f, map_location="cpu", weights_only=False)
-        cfg: ModelConfig = ckpt["hyper_parameters"]["model_cfg"]
+        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+        cfg = load_model_config(ckpt["hyper_parameters"]["model_cfg"])
         model = GPT(cfg)
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         model.load_state_dict(state)
@@ -57,7 +57,7 @@ def read_native_teacher_config(path: str | Path, key: str = "teacher.path") -> M
     """The teacher's architecture without loading its weights (an export dir's config.json)."""
     f = teacher_weights_file(path, key)
     if f.suffix == ".ckpt":
-        return torch.load(f, map_location="meta", weights_only=False)["hyper_parameters"]["model_cfg"]
+        return load_model_config(torch.load(f, map_location="meta", weights_only=True)["hyper_parameters"]["model_cfg"])
     import json
 
     from distill.export import CONFIG

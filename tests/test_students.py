@@ -1,0 +1,73 @@
+"""Mixture-of-Students derivation: depth, the kept MoE layers, and initialisation from the teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.errors import ConfigError
+from distill.models import GPT, load_model_config
+from students.config import StudentConfig
+from students.mos import default_teacher_layers, derive_student, init_student_from_teacher
+
+
+def tiny_teacher_cfg(n_layers: int = 6, experts: list[int] | None = None):
+    return load_model_config(
+        dict(name="t", vocab_size=97, d_model=32, n_layers=n_layers, n_heads=2, max_seq_len=16,
+             num_experts=experts or [4, 4, 8], moe=dict(top_k=1, residual=True, dropless=True))
+    )
+
+
+def test_paper_mos_keeps_deepest_moe_layers():
+    teacher = load_model_config(
+        dict(name="350m_prmoe", vocab_size=50257, d_model=64, n_layers=24, n_heads=4, max_seq_len=32,
+             num_experts=[32] * 10 + [64] * 2)
+    )
+    student = derive_student(teacher, StudentConfig(depth_ratio=0.875))
+    assert student.n_layers == 21
+    assert student.num_experts == [32] * 8 + [64] * 2  # DeepSpeed-MoE's MoS: 32x8 + 64x2
+    assert student.vocab_size == teacher.vocab_size and student.d_model == teacher.d_model
+
+
+@pytest.mark.parametrize(
+    "student, key",
+    [
+        (StudentConfig(n_layers=7), "student.n_layers"),
+        (StudentConfig(n_layers=0), "student.n_layers"),
+        (StudentConfig(depth_ratio=1.5), "student.depth_ratio"),
+        (StudentConfig(n_layers=4, num_experts=[4, 4, 4]), "student.num_experts"),
+    ],
+)
+def test_bad_student_configs_name_the_key(student, key):
+    with pytest.raises(ConfigError) as err:
+        derive_student(tiny_teacher_cfg(), student)
+    assert err.value.key == key
+
+
+def test_default_mapping_keeps_kind_and_depth():
+    t = tiny_teacher_cfg(6)  # blocks: D M D M D M
+    s = derive_student(t, StudentConfig(n_layers=4))  # D M D M
+    mapping = default_teacher_layers(t, s)
+    assert mapping == [2, 3, 4, 5]
+    assert [t.is_moe_block(ti) for ti in mapping] == [s.is_moe_block(i) for i in range(s.n_layers)]
+    assert s.num_experts == [4, 8]
+
+
+def test_student_from_all_teacher_layers_reproduces_teacher_logits():
+    torch.manual_seed(0)
+    t_cfg = tiny_teacher_cfg(6)
+    teacher = GPT(t_cfg).eval()
+    s_cfg = derive_student(t_cfg, StudentConfig(n_layers=6))
+    student = GPT(s_cfg).eval()
+    idx = torch.randint(0, 97, (2, 12))
+    assert not torch.allclose(student(idx).logits, teacher(idx).logits)
+    init_student_from_teacher(student, teacher, StudentConfig(init="teacher"))
+    torch.testing.assert_close(student(idx).logits, teacher(idx).logits)
+
+
+def test_init_from_teacher_rejects_kind_mismatch():
+    t_cfg = tiny_teacher_cfg(6)
+    s_cfg = derive_student(t_cfg, StudentConfig(n_layers=4))
+    with pytest.raises(ConfigError) as err:
+        init_student_from_teacher(GPT(s_cfg), GPT(t_cfg), StudentConfig(teacher_layers=[1, 2, 3, 4]))
+    assert err.value.key == "student.teacher_layers"
