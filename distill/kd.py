@@ -212,33 +212,36 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 class _ChunkedKD(torch.autograd.Function):
-    """Mean KD loss over the rows `rows` of 2-D logits, chunk by chunk; backward recomputes each chunk."""
+    """Mean KD loss over the rows `rows` of 2-D logits, chunk by chunk.
+
+    The gradient w.r.t. the student logits is written chunk by chunk during the forward pass (one
+    [N, V] tensor in the student's dtype, the size of the gradient autograd would hold anyway), so the
+    backward pass only scales it: no second pass of softmaxes over the vocabulary.
+    """
 
     @staticmethod
     def forward(ctx, student, teacher, rows, kind, temperature, beta, chunk_size):  # type: ignore[override]
         dtype = _compute_dtype(student, teacher)
+        need_grad = ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=dtype, device=student.device)
+        grad = torch.zeros_like(student) if need_grad else None
         for idx in rows.split(chunk_size):
             s, t = student.index_select(0, idx).to(dtype), teacher.index_select(0, idx).to(dtype)
-            total += _divergence(s, t, kind, temperature, beta, need_grad=False)[0].sum()
-        ctx.save_for_backward(student, rows)
-        ctx.teacher = teacher  # an attribute, not saved: logits from inference_mode cannot be saved
-        ctx.args = (kind, temperature, beta, chunk_size)
-        return total / max(rows.numel(), 1)
+            loss, g = _divergence(s, t, kind, temperature, beta, need_grad=need_grad)
+            total += loss.sum()
+            if grad is not None:
+                grad.index_copy_(0, idx, g.to(grad.dtype))
+        n = max(rows.numel(), 1)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.n = n
+        return total / n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        student, rows = ctx.saved_tensors
-        teacher, (kind, temperature, beta, chunk_size) = ctx.teacher, ctx.args
-        dtype = _compute_dtype(student, teacher)
-        grad = torch.zeros_like(student)
-        scale = grad_out.to(dtype) / max(rows.numel(), 1)
-        for idx in rows.split(chunk_size):
-            s, t = student.index_select(0, idx).to(dtype), teacher.index_select(0, idx).to(dtype)
-            g = _divergence(s, t, kind, temperature, beta, need_grad=True)[1]
-            grad.index_copy_(0, idx, (g * scale).to(grad.dtype))
-        return grad, None, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_out / ctx.n).to(grad.dtype), None, None, None, None, None, None
 
 
 def _flatten(
