@@ -8,6 +8,7 @@ never straddle two splits. Every step is cached by the datasets library under ex
 from __future__ import annotations
 
 import codecs
+import functools
 import glob
 import hashlib
 import logging
@@ -186,7 +187,7 @@ def _scan_utf8(files: list[Path]) -> int:
     total = 0
     for path in files:
         with open(path, "rb") as f:
-            replaced = invalid_utf8_bytes(iter(lambda f=f: f.read(1 << 20), b""))
+            replaced = invalid_utf8_bytes(iter(functools.partial(f.read, 1 << 20), b""))
         if replaced:
             logger.warning("corpus: %s: %d bytes are not UTF-8, replaced by U+FFFD", path, replaced)
         total += replaced
@@ -240,15 +241,15 @@ def _hf_corpus(cfg: DataConfig) -> DatasetDict:
         docs = docs.rename_column(cfg.text_column, "text")
     if cfg.max_documents is not None:
         docs = docs.select(range(min(cfg.max_documents, len(docs))))
-    fractions = (cfg.split_seed, cfg.val_fraction, cfg.test_fraction)
+    hashing = {"seed": cfg.split_seed, "val": cfg.val_fraction, "test": cfg.test_fraction}
     return DatasetDict(
         {
             split: docs.filter(
                 _in_split,
                 batched=True,
                 input_columns="text",
-                fn_kwargs={"split": split, "seed": fractions[0], "val": fractions[1], "test": fractions[2]},
-                new_fingerprint=digest("split", docs._fingerprint, split, *fractions),
+                fn_kwargs={"split": split, **hashing},
+                new_fingerprint=digest("split", docs._fingerprint, split, hashing),
                 desc=f"Selecting {split} documents",
             )
             for split in SPLITS

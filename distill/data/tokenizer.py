@@ -55,7 +55,7 @@ class TextTokenizer:
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
@@ -86,18 +86,19 @@ def build_tokenizer(cfg: DataConfig, corpus: DatasetDict) -> TextTokenizer:
     )
     if path.is_file():
         logger.info("tokenizer: cached BPE %s", path)
-        return TextTokenizer(Tokenizer.from_file(str(path)), EOS_TOKEN, "bpe")
-    start = time.perf_counter()
-    logger.info(
-        "tokenizer: training a byte-level BPE (vocab %d) on %d documents", vocab_size, len(corpus["train"])
-    )
-    backend = _train_bpe(corpus["train"], vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tokenizer.{os.getpid()}.json")  # atomic: readers never see a partial file
-    backend.save(str(tmp))
-    os.replace(tmp, path)
-    logger.info("tokenizer: trained in %.1f s, saved %s", time.perf_counter() - start, path)
-    return TextTokenizer(backend, EOS_TOKEN, "bpe")
+    else:
+        start = time.perf_counter()
+        logger.info(
+            "tokenizer: training a byte-level BPE (vocab %d) on %d documents",
+            vocab_size,
+            len(corpus["train"]),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tokenizer.{os.getpid()}.json")  # atomic: readers never see a partial file
+        _train_bpe(corpus["train"], vocab_size).save(str(tmp))
+        os.replace(tmp, path)
+        logger.info("tokenizer: trained in %.1f s, saved %s", time.perf_counter() - start, path)
+    return TextTokenizer(Tokenizer.from_file(str(path)), EOS_TOKEN, "bpe")  # the same object on every run
 
 
 def _byte_level(backend: Tokenizer) -> Tokenizer:
