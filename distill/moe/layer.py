@@ -31,12 +31,13 @@ def as_moe_config(cfg: MoEConfig | Mapping[str, Any]) -> MoEConfig:
 
 def sort_by_expert(
     expert_idx: torch.Tensor, counts: torch.Tensor, priority: torch.Tensor | None, capacity: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order the T*k (token, choice) pairs (flat index t*k + j) by expert and apply capacity.
 
     Within an expert, pairs are ranked by descending `priority` (None: token order); with a `capacity`,
-    each expert keeps its first `capacity` pairs. Returns (order: kept flat pair indices sorted by
-    expert, kept counts per expert [E]).
+    each expert keeps its first `capacity` pairs. Returns `order` [M] (the kept pairs' flat indices,
+    sorted by expert), `inverse` [T*k] (each pair's position in `order`, M for a dropped pair) and the
+    kept counts per expert [E].
     """
     flat = expert_idx.flatten()
     if priority is None:
@@ -44,13 +45,56 @@ def sort_by_expert(
     else:
         by_priority = priority.argsort(descending=True, stable=True)
         order = by_priority[flat[by_priority].argsort(stable=True)]
-    if capacity is None:
-        return order, counts
-    starts = counts.cumsum(0) - counts
-    rank = torch.arange(flat.numel(), device=flat.device) - starts.repeat_interleave(
-        counts, output_size=flat.numel()
-    )
-    return order[rank < capacity], counts.clamp(max=capacity)
+    if capacity is not None:
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(flat.numel(), device=flat.device)
+        rank -= starts.repeat_interleave(counts, output_size=flat.numel())
+        order = order[rank < capacity]
+        counts = counts.clamp(max=capacity)
+    positions = torch.arange(order.numel(), device=order.device)
+    inverse = torch.full_like(flat, order.numel()).scatter_(0, order, positions)
+    return order, inverse, counts
+
+
+def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """src[index], where index == len(src) (only present when index is longer than src) gives zeros."""
+    if index.numel() > src.shape[0]:
+        src = torch.cat([src, src.new_zeros(1, src.shape[1])])
+    return src.index_select(0, index)
+
+
+class _SortRows(torch.autograd.Function):
+    """rows = x[order // k]: each kept pair's token, in sorted order. The backward gathers with
+    `inverse` and sums each token's k rows, instead of index_select's scatter-add (slow on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order.div(k, rounding_mode="floor") if k > 1 else order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        grad_x = _gather_rows(grad.contiguous(), inverse)
+        if ctx.k > 1:
+            grad_x = grad_x.view(-1, ctx.k, grad.shape[1]).sum(dim=1)
+        return grad_x, None, None, None
+
+
+class _UnsortRows(torch.autograd.Function):
+    """pairs = out[inverse]: expert outputs back in (token, choice) order, zero rows for dropped pairs.
+    The map is one-to-one on kept pairs, so the backward is a gather with `order`."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return _gather_rows(out, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
 
 
 class MoELayer(nn.Module):
@@ -121,12 +165,16 @@ class MoELayer(nn.Module):
         routing = self.router(x)
         capacity = self.capacity(x.shape[0])
         priority = self.drop_priority(routing) if capacity is not None else None
-        order, counts = sort_by_expert(routing.expert_idx, routing.choice_counts, priority, capacity)
-        token_idx = order.div(self.top_k, rounding_mode="floor")
-        rows, local_counts, handle = self.dispatcher.dispatch(x.index_select(0, token_idx), counts)
+        order, inverse, counts = sort_by_expert(routing.expert_idx, routing.choice_counts, priority, capacity)
+        rows = _SortRows.apply(x, order, inverse, self.top_k)
+        rows, local_counts, handle = self.dispatcher.dispatch(rows, counts)
         out = self.dispatcher.combine(self.experts(rows, local_counts), handle)
-        gates = routing.gates.flatten().index_select(0, order).to(out.dtype)
-        y = out.new_zeros(x.shape[0], out.shape[1]).index_add_(0, token_idx, out * gates.unsqueeze(1))
+        pairs = _UnsortRows.apply(out, inverse, order)  # [T*k, d]
+        gates = routing.gates.to(out.dtype)  # [T, k]
+        if self.top_k == 1:
+            y = pairs * gates
+        else:
+            y = torch.bmm(gates.unsqueeze(1), pairs.view(-1, self.top_k, pairs.shape[1])).squeeze(1)
         if self.mlp is not None:
             c = F.softmax(self.coef(x), dim=-1)
             y = y * c[:, :1] + self.mlp(x) * c[:, 1:]

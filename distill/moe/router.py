@@ -40,10 +40,11 @@ class Router(nn.Module):
         self.jitter_eps = cfg.jitter_eps
         self.gumbel_noise = cfg.gumbel_noise
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
-        self.balance_bias: torch.Tensor | None = None
-        if cfg.aux_free_bias:
-            self.register_buffer("balance_bias", torch.zeros(num_experts))
-            self.register_buffer("balance_counts", torch.zeros(num_experts), persistent=False)
+        bias, counts = (
+            (torch.zeros(num_experts), torch.zeros(num_experts)) if cfg.aux_free_bias else (None, None)
+        )
+        self.register_buffer("balance_bias", bias)
+        self.register_buffer("balance_counts", counts, persistent=False)
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.weight, std=std)

@@ -1,0 +1,41 @@
+"""Benchmarks (`make bench` = `python -m distill.bench [section ...]`), and the timing helper they share.
+
+Each section is a module in this package with a `main()`; `__main__.SECTIONS` lists them in order.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2, setup: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
+    """Wall time (s) of each function over `reps` rounds; each round runs every function once in a fresh
+    random order, so that a noisy, shared machine slows all of them alike. `setup` runs (untimed)
+    before each call. Returns the times per function, round by round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            if setup is not None:
+                setup()
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rng = random.Random(0)
+    for _ in range(reps):
+        rng.shuffle(names)
+        for name in names:
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num/den (rounds paired, as `time_interleaved` returns them)."""
+    return statistics.median(a / b for a, b in zip(num, den))

@@ -1,0 +1,22 @@
+"""`python -m distill.bench [section ...]`: run the benchmark sections (all of SECTIONS by default)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SECTIONS = ["moe", "train"]  # modules of distill.bench with a main(); add yours here
+
+
+def main(argv: list[str]) -> None:
+    names = argv or SECTIONS
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        sys.exit(f"distill.bench: unknown section(s) {unknown}; known: {SECTIONS}")
+    for name in names:
+        print(f"== {name} ==", flush=True)
+        importlib.import_module(f"distill.bench.{name}").main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,103 @@
+"""MoE layer speed on CPU: forward+backward time relative to a dense FFN with the same active parameters.
+
+For T tokens, width d, expert hidden f, E experts and top-k, the dense baseline is an FFN of hidden
+size k*f on the same tokens (same FLOPs as the routed experts, so about 1.0 is the physical limit).
+Compared: the MoE layer (dropless, grouped_mm and loop paths; and with capacity factor 1.25) and the
+one-hot einsum (GShard-style) dispatch of older systems with capacity factor 1.25, as the baseline to beat.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from distill.bench import median_ratio, time_interleaved
+from distill.moe import MLP, MoEConfig, MoELayer
+from distill.moe.experts import activate
+
+T, D, F_HIDDEN = 4096, 256, 1024
+EXPERTS = (8, 32)
+TOP_K = (1, 2)
+CAPACITY_FACTOR = 1.25
+
+
+def einsum_moe(layer: MoELayer, x: torch.Tensor, capacity_factor: float) -> torch.Tensor:
+    """GShard-style one-hot dispatch: [T, E, C] dispatch/combine tensors and einsums (O(T*E*C)); the
+    same router and expert weights as `layer`. Choices claim slots in (choice, token) order."""
+    routing = layer.router(x)
+    num_tokens, k = routing.expert_idx.shape
+    E = layer.num_experts
+    C = max(layer.cfg.min_capacity, math.ceil(k * capacity_factor * num_tokens / E))
+    mask = F.one_hot(routing.expert_idx.t().reshape(-1), E)  # [k*T, E], first choices first
+    slot = ((mask.cumsum(0) - 1) * mask).sum(-1).view(k, num_tokens).t()  # [T, k]
+    keep = (slot < C).float()
+    slots = F.one_hot(slot.clamp(max=C - 1), C).float()  # [T, k, C]
+    experts = F.one_hot(routing.expert_idx, E).float()  # [T, k, E]
+    dispatch = torch.einsum("tk,tke,tkc->tec", keep, experts, slots)
+    combine = torch.einsum("tk,tke,tkc->tec", routing.gates * keep, experts, slots)
+    xe = torch.einsum("tec,td->ecd", dispatch, x)
+    h = activate(torch.bmm(xe, layer.experts.w_in), layer.cfg.activation)
+    return torch.einsum("tec,ecd->td", combine, torch.bmm(h, layer.experts.w_out))
+
+
+def bench_case(num_experts: int, k: int, reps: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(T, D, requires_grad=True)
+    grad = torch.randn(T, D)
+    dense = MLP(D, k * F_HIDDEN)
+    dense.init_weights(0.02, 0.02)
+    dropless = MoELayer(D, F_HIDDEN, num_experts, MoEConfig(top_k=k, dropless=True))
+    loop = MoELayer(D, F_HIDDEN, num_experts, MoEConfig(top_k=k, dropless=True, use_grouped_mm=False))
+    capped = MoELayer(D, F_HIDDEN, num_experts, MoEConfig(top_k=k, capacity_factor=CAPACITY_FACTOR))
+    for layer in (loop, capped):
+        layer.load_state_dict(dropless.state_dict())
+    modules = [dense, dropless, loop, capped]
+
+    def moe_step(layer: MoELayer) -> None:
+        y, stats = layer(x)
+        torch.autograd.backward([y, stats.aux_loss], [grad, torch.ones(())])
+
+    def clear_grads() -> None:
+        x.grad = None
+        for m in modules:
+            for p in m.parameters():
+                p.grad = None
+
+    fns = {
+        "dense": lambda: dense(x).backward(grad),
+        "moe": lambda: moe_step(dropless),
+        "loop": lambda: moe_step(loop),
+        "capped": lambda: moe_step(capped),
+        "einsum": lambda: einsum_moe(capped, x, CAPACITY_FACTOR).backward(grad),
+    }
+    times = time_interleaved(fns, reps=reps, warmup=2, setup=clear_grads)
+    with torch.no_grad():
+        drop = capped(x)[1].drop_fraction.item()
+    row = {"dense_ms": 1e3 * statistics.median(times["dense"]), "drop": drop}
+    for name in ("moe", "loop", "capped", "einsum"):
+        row[name] = median_ratio(times[name], times["dense"])
+    return row
+
+
+def main(reps: int = 15) -> None:
+    print(
+        f"MoE layer fwd+bwd / dense FFN (hidden k*f) fwd+bwd, T={T} d={D} f={F_HIDDEN}, "
+        f"{torch.get_num_threads()} threads, median of {reps} interleaved rounds"
+    )
+    print("  moe    = MoE layer, dropless, grouped_mm        loop   = same, argsort+split+unbind loop")
+    print(f"  capped = MoE layer, capacity factor {CAPACITY_FACTOR}      einsum = one-hot GShard dispatch, same cf")
+    header = f"{'E':>3} {'k':>2} {'dense ms':>9} {'moe':>6} {'loop':>6} {'capped':>7} {'drop%':>6} {'einsum':>7}"
+    print(header)
+    print("-" * len(header))
+    for num_experts in EXPERTS:
+        for k in TOP_K:
+            r = bench_case(num_experts, k, reps)
+            print(
+                f"{num_experts:>3} {k:>2} {r['dense_ms']:>9.1f} {r['moe']:>6.2f} {r['loop']:>6.2f} "
+                f"{r['capped']:>7.2f} {100 * r['drop']:>6.1f} {r['einsum']:>7.2f}",
+                flush=True,
+            )
+    print("goal: moe <= 1.15 (1.0 = the dense FFN's own cost)")
