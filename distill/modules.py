@@ -245,8 +245,12 @@ class DistillModule(LMModule):
             terms["loss"] = (k.ce_weight * terms["ce"] + weight * kd + self.optim.aux_coef * terms["aux"]
                              + self.optim.z_coef * terms["z"])
             terms["kd"] = kd
-            self.log("kd/weight", weight)
-            self.log("teacher/ce", lm_loss(t_logits, targets))
+            self.log("teacher/ce", lm_loss(t_logits, targets, loss_mask(batch)))
+        else:
+            # Lightning re-logs a key's last value on steps that do not log it: make "off" explicit
+            terms["kd"], weight = terms["ce"].new_zeros(()), 0.0
+            self.log("teacher/ce", float("nan"))
+        self.log("kd/weight", weight)
         self.log("kd/active", float(active))
         self.log_terms("train", terms, out)
         return terms["loss"]

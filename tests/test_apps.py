@@ -1,0 +1,114 @@
+"""The Hydra apps, started the way a user starts them (subprocesses), on tiny configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.export import load_exported
+from teachers.native import load_native_teacher
+
+TINY_DATA = ["data.max_documents=60", "data.seq_len=32", "data.tokenizer.vocab_size=384", "data.batch_size=8"]
+TINY_MODEL = ["model.d_model=32", "model.n_heads=2", "model.max_seq_len=32"]
+
+
+def run_app(app: str, *overrides: str, ok: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", f"distill.{app}", *overrides], capture_output=True, text=True,
+                          timeout=timeout)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{app} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain")
+    run_app("pretrain", *TINY_DATA, *TINY_MODEL, "trainer=smoke", "trainer.max_steps=4",
+            "checkpoint.every_n_steps=2", f"hydra.run.dir={out}")
+    return out
+
+
+def test_pretrain_writes_checkpoints_export_and_offline_wandb(pretrained: Path):
+    assert (pretrained / "checkpoints" / "last.ckpt").is_file()
+    assert (pretrained / "export" / "model.safetensors").is_file()
+    assert (pretrained / "export" / "tokenizer.json").is_file()
+    runs = list((pretrained / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline wandb run with its data file"
+
+
+def test_checkpoint_export_reload_identical_logits(pretrained: Path):
+    from_ckpt, cfg = load_native_teacher(pretrained / "checkpoints" / "last.ckpt")
+    from_export, cfg2 = load_exported(pretrained / "export")
+    assert cfg == cfg2
+    idx = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    from_export.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_ckpt(idx).logits, from_export(idx).logits, rtol=0, atol=0)
+
+
+def read_csv_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_distill_app_staged_kd_switches_off(pretrained: Path, tmp_path: Path):
+    run_app("distill", *TINY_DATA, f"teacher.path={pretrained / 'export'}", "trainer=smoke",
+            "trainer.max_steps=6", "kd.stop_fraction=0.5", "logger=csv", f"hydra.run.dir={tmp_path}")
+    rows = read_csv_metrics(tmp_path / "csv" / "metrics.csv")
+    active = {int(r["step"]): float(r["kd/active"]) for r in rows if r.get("kd/active")}
+    assert active == {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0, 4: 0.0, 5: 0.0}
+    kd = {int(r["step"]): float(r["train/kd"]) for r in rows if r.get("train/kd")}
+    assert all(kd[s] > 0 for s in (0, 1, 2)) and all(kd[s] == 0 for s in (3, 4, 5))
+    teacher_ce = {int(r["step"]) for r in rows if r.get("teacher/ce") and r["teacher/ce"] != "nan"}
+    assert teacher_ce == {0, 1, 2}
+    assert any(r.get("val/kl_teacher") for r in rows) and any(r.get("val/top1_agree") for r in rows)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["distill"]["teacher"]["sha256"]
+    assert not any(k.startswith("teacher") for k in ckpt["state_dict"])
+
+
+def test_pipeline_app_writes_report(pretrained: Path, tmp_path: Path):
+    proc = run_app("pipeline", *TINY_DATA, *TINY_MODEL, "trainer=smoke", "trainer.max_steps=4", "gen_tokens=4",
+                   f"hydra.run.dir={tmp_path}")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["models"]) == {"teacher", "student_staged_kd", "student_no_kd", "student_full_kd"}
+    for name, row in report["models"].items():
+        for key in ("params_total", "params_active", "val_loss", "val_ppl", "train_tokens_per_s", "gen_tokens_per_s"):
+            assert isinstance(row[key], (int, float)) and row[key] > 0, (name, key)
+        assert row["params_active"] <= row["params_total"]
+    assert report["models"]["student_no_kd"]["teacher_calls"] == 0
+    assert report["models"]["student_full_kd"]["kd_stop_step"] is None
+    assert report["models"]["student_staged_kd"]["params_total"] < report["models"]["teacher"]["params_total"]
+    assert (tmp_path / "val_loss.png").stat().st_size > 1000
+    assert "student_staged_kd" in (tmp_path / "report.md").read_text()
+    assert "| student_no_kd |" in proc.stdout
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1  # the report run
+    assert len(list((tmp_path / "teacher" / "wandb").glob("offline-run-*"))) == 1
+
+
+@pytest.mark.parametrize(
+    "app, overrides, key",
+    [
+        ("distill", ["teacher.path=/nonexistent/export"], "teacher.path"),
+        ("pretrain", ["data.source=hf", "data.path=text", "data.data_files=/nonexistent/a.txt"], "data.data_files"),
+        ("pretrain", ["model.n_heads=3"], "model.n_heads"),
+        ("pretrain", ["model.moe.top_k=9"], "model.moe.top_k"),
+    ],
+)
+def test_bad_input_exits_nonzero_naming_the_key(app, overrides, key, tmp_path):
+    proc = run_app(app, *TINY_DATA, *overrides, "trainer=smoke", f"hydra.run.dir={tmp_path}", ok=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"`{key}`" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_key_rejected_by_schema(tmp_path):
+    proc = run_app("pretrain", "model.d_modle=64", f"hydra.run.dir={tmp_path}", ok=False)
+    assert proc.returncode != 0 and "d_modle" in proc.stderr
