@@ -9,11 +9,7 @@ the pytest process.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,7 @@ from distill.parallel import (
     register_expert_parallel,
 )
 from distill.parallel.dispatch import source_to_expert_order
+from distill.parallel.launch import child_env, run_processes, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -44,55 +41,17 @@ TOL = 1e-5
 # launching processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def check_ok(cmd: list[str], results: list[tuple[int, str]]) -> list[str]:
+    for rank, (code, out) in enumerate(results):
+        what = "was killed at the timeout" if code == -9 else f"exited {code}"
+        assert code == 0, f"{' '.join(cmd)} (process {rank}) {what}:\n{out[-4000:]}"
+    return [out for _, out in results]
 
 
-def child_env(**extra: Any) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **{k: str(v) for k, v in extra.items()}}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if key not in extra:
-            env.pop(key, None)
-    return env
-
-
-def run_processes(cmds: list[tuple[list[str], dict[str, str]]], timeout: float) -> list[str]:
-    """Run the commands at once, each in its own process group; SIGKILL every group after `timeout`
-    seconds. Returns their outputs; fails with the output's tail if one fails or times out."""
-    procs = [
-        subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-        for cmd, env in cmds
-    ]
-    outputs, timed_out = [], False
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-        outputs.append(out)
-    for (cmd, _), proc, out in zip(cmds, procs, outputs):
-        assert not timed_out and proc.returncode == 0, (
-            f"{' '.join(cmd)} {'timed out' if timed_out else f'exited {proc.returncode}'}:\n{out[-4000:]}"
-        )
-    return outputs
-
-
-def run_ranks(script: Path, args: list[str], world: int, timeout: float = 120) -> list[str]:
+def run_worker(script: Path, args: list[str], world: int, timeout: float = 120) -> list[str]:
     """One process per rank of a torch.distributed job on gloo."""
-    port = free_port()
-    return run_processes(
-        [([sys.executable, str(script), *args],
-          child_env(RANK=r, LOCAL_RANK=r, NODE_RANK=0, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-         for r in range(world)],
-        timeout,
-    )
+    cmd = [sys.executable, str(script), *args]
+    return check_ok(cmd, run_ranks(cmd, world, timeout, cwd=ROOT))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,7 +139,7 @@ def test_named_and_hydra_construction() -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ep2")
-    run_ranks(TESTS / "parallel_worker.py", [str(out), "2", "dropless,capacity,skewed"], world=2)
+    run_worker(TESTS / "parallel_worker.py", [str(out), "2", "dropless,capacity,skewed"], world=2)
     return out
 
 
@@ -216,7 +175,7 @@ def test_two_ranks_match_one_process(two_rank_results: Path, scenario: str) -> N
 def test_four_ranks_with_smaller_groups(tmp_path: Path) -> None:
     """ep=4 on 4 ranks with layers of 4, 2 and 1 experts: groups of 4, 2 (experts replicated twice,
     EDP groups {0,2} and {1,3}) and 1 (replicated on all ranks)."""
-    run_ranks(TESTS / "parallel_worker.py", [str(tmp_path), "4", "dropless"], world=4)
+    run_worker(TESTS / "parallel_worker.py", [str(tmp_path), "4", "dropless"], world=4)
     results = check_worker_results(tmp_path, "dropless", world=4)
     assert [r["layouts"]["model.blocks.3.ffn.experts.w_in"] for r in results] == [
         [2, 0, 1], [2, 1, 1], [2, 0, 1], [2, 1, 1]
@@ -229,7 +188,7 @@ def test_four_ranks_with_smaller_groups(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_lightning_runs_and_checkpoints_across_layouts(tmp_path: Path) -> None:
-    run_ranks(TESTS / "parallel_lightning_worker.py", [str(tmp_path)], world=2, timeout=240)
+    run_worker(TESTS / "parallel_lightning_worker.py", [str(tmp_path)], world=2, timeout=240)
     for rank in range(2):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
         a, b, c, d = ({int(k): v for k, v in res[x].items()} for x in "ABCD")
@@ -245,8 +204,8 @@ def test_lightning_runs_and_checkpoints_across_layouts(tmp_path: Path) -> None:
         assert res["E_teacher_experts"] == [[4, 32, 128], [2, 32, 128]]  # half of the teacher's [8, 4]
         assert res["F_teacher_experts"] == [[8, 32, 128], [4, 32, 128]]
     # a checkpoint written at ep=2 looks exactly like one written at ep=1
-    ck_a = torch.load(tmp_path / "A" / "step2.ckpt", map_location="cpu", weights_only=False)
-    ck_b = torch.load(tmp_path / "B" / "step2.ckpt", map_location="cpu", weights_only=False)
+    ck_a = torch.load(tmp_path / "A" / "step2.ckpt", map_location="cpu", weights_only=True)
+    ck_b = torch.load(tmp_path / "B" / "step2.ckpt", map_location="cpu", weights_only=True)
     assert ck_a["state_dict"].keys() == ck_b["state_dict"].keys()
     for key, value in ck_b["state_dict"].items():
         assert ck_a["state_dict"][key].shape == value.shape
@@ -256,6 +215,9 @@ def test_lightning_runs_and_checkpoints_across_layouts(tmp_path: Path) -> None:
     for i in opt_b:
         for k, v in opt_b[i].items():
             assert opt_a[i][k].shape == v.shape and (opt_a[i][k] - v).abs().max() < TOL, (i, k)
+    from distill.modules import LMModule
+
+    LMModule.load_from_checkpoint(tmp_path / "A" / "step2.ckpt", map_location="cpu")  # one process, strict
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,7 +233,7 @@ TINY = [
 
 def run_app(app: str, out: Path, *overrides: str) -> str:
     cmd = [sys.executable, "-m", f"distill.{app}", *TINY, *overrides, f"out_dir={out}", f"hydra.run.dir={out}"]
-    return run_processes([(cmd, child_env())], timeout=240)[0]
+    return check_ok(cmd, run_processes([(cmd, child_env())], timeout=240, cwd=ROOT))[0]
 
 
 @pytest.mark.slow
@@ -279,7 +241,7 @@ def test_apps_pretrain_and_distill_with_expert_parallel(tmp_path: Path) -> None:
     teacher = tmp_path / "teacher"
     log = run_app("pretrain", teacher, "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32")
     assert "[pretrain] val loss" in log and "expert_parallel: ep_size=2, world 2" in log
-    ckpt = torch.load(teacher / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(teacher / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4
     shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if "experts." in k}
     assert shapes["model.blocks.1.ffn.experts.w_in"][0] == 4 and shapes["model.blocks.3.ffn.experts.w_in"][0] == 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SECTIONS = ["moe", "train"]  # modules of distill.bench with a main(); add yours here
+SECTIONS = ["moe", "train", "parallel"]  # modules of distill.bench with a main(); add yours here
 
 
 def main(argv: list[str]) -> None:
