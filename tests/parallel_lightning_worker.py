@@ -34,7 +34,7 @@ from distill.moe import MoEConfig
 from distill.parallel import ExpertParallelStrategy
 
 SEQ, VOCAB, BATCH, MAX_STEPS = 16, 64, 2, 4
-MOE = MoEConfig(top_k=1, residual=True, capacity_factor=1.0, min_capacity=2)
+MOE = MoEConfig(top_k=1, residual=True, capacity_factor=1.0, min_capacity=2, aux_free_bias=True)
 STUDENT = ModelConfig(name="s", vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ,
                       num_experts=[4, 2], moe=MOE)
 TEACHER = ModelConfig(name="t", vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ,
@@ -91,7 +91,10 @@ def main(out: Path) -> None:
     a = lm()
     res["A"] = fit(a, 2, out / "A", None, world)
     res["A_experts_after_fit"] = [list(layer.experts.w_in.shape) for layer in a.model.moe_layers]
-    res["B"] = fit(lm(), 1, out / "B", None, world)
+    res["A_bias"] = [layer.router.balance_bias.tolist() for layer in a.model.moe_layers]
+    b = lm()
+    res["B"] = fit(b, 1, out / "B", None, world)
+    res["B_bias"] = [layer.router.balance_bias.tolist() for layer in b.model.moe_layers]
     res["C"] = fit(lm(seed=5), 1, None, out / "A" / "step2.ckpt", world)
     res["D"] = fit(lm(seed=5), 2, None, out / "B" / "step2.ckpt", world)
     for name, ep in (("E", 2), ("F", 1)):

@@ -189,6 +189,7 @@ def test_four_ranks_with_smaller_groups(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_lightning_runs_and_checkpoints_across_layouts(tmp_path: Path) -> None:
     run_worker(TESTS / "parallel_lightning_worker.py", [str(tmp_path)], world=2, timeout=240)
+    biases = []
     for rank in range(2):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
         a, b, c, d = ({int(k): v for k, v in res[x].items()} for x in "ABCD")
@@ -199,10 +200,13 @@ def test_lightning_runs_and_checkpoints_across_layouts(tmp_path: Path) -> None:
             assert abs(c[step] - a[step]) < TOL, (rank, step, c[step], a[step])
             assert abs(d[step] - b[step]) < TOL, (rank, step, d[step], b[step])
         assert res["A_experts_after_fit"] == [[4, 32, 128], [2, 32, 128]]  # gathered back after fit
+        biases.append(res["A_bias"])  # aux-loss-free balancing moved by the global counts, alike everywhere
+        assert res["A_bias"] == res["B_bias"] and any(x != 0 for layer in res["A_bias"] for x in layer)
         e, f = res["E"], res["F"]  # distillation at ep=2 and ep=1
         assert all(abs(e[k] - f[k]) < TOL for k in f) and res["E_teacher_calls"] == res["F_teacher_calls"] > 0
         assert res["E_teacher_experts"] == [[4, 32, 128], [2, 32, 128]]  # half of the teacher's [8, 4]
         assert res["F_teacher_experts"] == [[8, 32, 128], [4, 32, 128]]
+    assert biases[0] == biases[1]
     # a checkpoint written at ep=2 looks exactly like one written at ep=1
     ck_a = torch.load(tmp_path / "A" / "step2.ckpt", map_location="cpu", weights_only=True)
     ck_b = torch.load(tmp_path / "B" / "step2.ckpt", map_location="cpu", weights_only=True)

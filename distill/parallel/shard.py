@@ -91,10 +91,34 @@ def shard_experts(
     return shards
 
 
+def balance_count_buffers(root: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) of the aux-loss-free balancing counts of every MoE router under `root`."""
+    return [
+        (f"{name}.router.balance_counts" if name else "router.balance_counts", layer.router.balance_counts)
+        for name, layer in moe_layers(root)
+        if layer.router.balance_bias is not None
+    ]
+
+
+@torch.no_grad()
+def all_reduce_balance_counts(root: nn.Module) -> None:
+    """Sum the balancing counts over all ranks, so that every rank moves its router bias by the global
+    load (the layers update the bias before the optimizer step). Entered by every rank."""
+    counts = [buf for _, buf in balance_count_buffers(root)]
+    if counts:
+        flat = torch.cat(counts)
+        dist.all_reduce(flat)
+        for buf, total in zip(counts, flat.split([c.numel() for c in counts])):
+            buf.copy_(total)
+
+
 def ddp_ignore_experts(module: nn.Module, shards: Iterable[ExpertShard]) -> None:
     """Keep the expert parameters of `module` (the root the shards were made from) out of DDP's
-    broadcast and all-reduce; call before wrapping it in DistributedDataParallel."""
+    broadcast and all-reduce; call before wrapping it in DistributedDataParallel. The routers' balancing
+    counts are kept out too: DDP would overwrite them with rank 0's at every forward (they are summed
+    over ranks by `all_reduce_balance_counts` instead)."""
     names = {name for s in shards for name, _ in s.named_parameters()}
+    names |= {name for name, _ in balance_count_buffers(module)}
     names |= set(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(names))
 

@@ -9,7 +9,8 @@ What it adds to DDP, in the order Lightning calls it:
   parameters are kept out of DDP; replicas are made equal; the teacher of a `DistillModule` is sharded
   the same way when it is loaded (the strategy wraps `module.teacher_loader`);
 - `optimizer_step`: after the backward, expert gradients are summed over their EDP group and divided
-  by the world size; gradient clipping uses the norm of the full model;
+  by the world size (and aux-loss-free balancing counts are summed over all ranks); gradient
+  clipping uses the norm of the full model;
 - checkpoints hold the full expert tensors (saving gathers them, loading slices them), model and
   optimizer state alike, so a run saved with one layout resumes with any other;
 - `teardown`: the full experts are gathered back, so after `fit` the module is an ordinary
@@ -37,6 +38,7 @@ from distill.parallel.dispatch import CommTimer
 from distill.parallel.groups import ExpertGroups, check_world
 from distill.parallel.shard import (
     ExpertShard,
+    all_reduce_balance_counts,
     broadcast_expert_replicas,
     check_moe_layers,
     clip_grad_norm_expert_parallel,
@@ -124,8 +126,8 @@ class ExpertParallelStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None and self.expert_groups is not None
         self.shards = shard_experts(module, self.expert_groups, self.comm_timer)
+        ddp_ignore_experts(module, self.shards)
         if self.shards:
-            ddp_ignore_experts(module, self.shards)
             held = sum(p.numel() for s in self.shards for _, p in s.named_parameters())
             total = sum(p.numel() * s.layout.group_size for s in self.shards for _, p in s.named_parameters())
             rank_zero_info(
@@ -174,6 +176,8 @@ class ExpertParallelStrategy(DDPStrategy):
         def closure_then_reduce() -> Any:
             result = closure()  # forward + backward (DDP has averaged the dense gradients)
             reduce_expert_grads(self.shards, self.world_size)
+            if self.world_size > 1:
+                all_reduce_balance_counts(self.lightning_module)
             return result
 
         return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
