@@ -256,7 +256,7 @@ def test_apps_pretrain_and_distill_with_expert_parallel(tmp_path: Path) -> None:
 
     log = run_app("distill", tmp_path / "student", f"teacher.path={teacher / 'export'}")
     assert "[distill] val loss" in log
-    held = re.search(r"teacher loaded, rank 0 holds ([\d,]+) of its ([\d,]+) expert parameters", log)
+    held = re.search(r"teacher loaded; rank 0 holds ([\d,]+) of ([\d,]+) of its expert parameters", log)
     assert held, log[-3000:]
     local, total = (int(x.replace(",", "")) for x in held.groups())
     assert 2 * local == total

@@ -59,6 +59,12 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
+def _held(shards: list[ExpertShard]) -> str:
+    held = sum(p.numel() for s in shards for _, p in s.named_parameters())
+    total = sum(p.numel() * s.layout.group_size for s in shards for _, p in s.named_parameters())
+    return f"rank 0 holds {held:,} of {total:,}"
+
+
 class ShardingTeacherLoader:
     """Wraps a module's `teacher_loader`: the loaded teacher keeps only this rank's experts."""
 
@@ -128,13 +134,10 @@ class ExpertParallelStrategy(DDPStrategy):
         self.shards = shard_experts(module, self.expert_groups, self.comm_timer)
         ddp_ignore_experts(module, self.shards)
         if self.shards:
-            held = sum(p.numel() for s in self.shards for _, p in s.named_parameters())
-            total = sum(p.numel() * s.layout.group_size for s in self.shards for _, p in s.named_parameters())
             rank_zero_info(
                 f"{NAME}: ep_size={self.ep_size}, world {self.world_size}; MoE layers with "
                 f"{[s.layout.num_experts for s in self.shards]} experts in groups of "
-                f"{[s.layout.group_size for s in self.shards]} ranks; rank 0 holds {held:,} of {total:,} "
-                "expert parameters."
+                f"{[s.layout.group_size for s in self.shards]} ranks; {_held(self.shards)} expert parameters."
             )
         self._wrap_teacher(module)
         super().setup(trainer)
@@ -165,9 +168,7 @@ class ExpertParallelStrategy(DDPStrategy):
         assert self.expert_groups is not None
         shards = shard_experts(teacher, self.expert_groups, self.comm_timer, what="the teacher's MoE layer")
         if shards:
-            held = sum(p.numel() for s in shards for _, p in s.named_parameters())
-            total = sum(p.numel() * s.layout.group_size for s in shards for _, p in s.named_parameters())
-            rank_zero_info(f"{NAME}: teacher loaded, rank 0 holds {held:,} of its {total:,} expert parameters.")
+            rank_zero_info(f"{NAME}: teacher loaded; {_held(shards)} of its expert parameters.")
         return teacher
 
     # -- gradients ----------------------------------------------------------------------------------
