@@ -34,8 +34,16 @@ MODES = {"one": (1, 1), "dp": (2, 1), "ep": (2, 2)}  # mode -> (processes, ep_si
 
 
 def model_config() -> ModelConfig:
-    return ModelConfig(name="bench", vocab_size=VOCAB, d_model=D_MODEL, n_layers=LAYERS, n_heads=4, max_seq_len=SEQ,
-                       num_experts=EXPERTS, moe=MoEConfig(top_k=1, dropless=True))
+    return ModelConfig(
+        name="bench",
+        vocab_size=VOCAB,
+        d_model=D_MODEL,
+        n_layers=LAYERS,
+        n_heads=4,
+        max_seq_len=SEQ,
+        num_experts=EXPERTS,
+        moe=MoEConfig(top_k=1, dropless=True),
+    )
 
 
 def worker(mode: str, steps: int, warmup: int) -> None:
@@ -86,8 +94,12 @@ def worker(mode: str, steps: int, warmup: int) -> None:
         times.append(time.perf_counter() - t0)
     times = times[warmup:]
     if rank == 0:
-        print(json.dumps({"mode": mode, "times": times, "a2a_s": timer.seconds, "a2a_calls": timer.calls / steps}),
-              flush=True)
+        print(
+            json.dumps(
+                {"mode": mode, "times": times, "a2a_s": timer.seconds, "a2a_calls": timer.calls / steps}
+            ),
+            flush=True,
+        )
     if world > 1:
         dist.destroy_process_group()
 
@@ -107,8 +119,10 @@ def run(mode: str, steps: int, warmup: int) -> dict[str, float]:
 
 def main(steps: int = 10, warmup: int = 2, rounds: int = 2) -> None:
     cfg = model_config()
-    print(f"GPT d={D_MODEL} layers={LAYERS} experts={EXPERTS} top-1 dropless, global batch {GLOBAL_BATCH}x{SEQ} "
-          f"tokens, gloo on CPU, 1 thread per process; median of {rounds}x{steps} steps, runs alternated")
+    print(
+        f"GPT d={D_MODEL} layers={LAYERS} experts={EXPERTS} top-1 dropless, global batch {GLOBAL_BATCH}x{SEQ} "
+        f"tokens, gloo on CPU, 1 thread per process; median of {rounds}x{steps} steps, runs alternated"
+    )
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     a2a_s, a2a_calls = 0.0, 0.0
     for _ in range(rounds):
@@ -121,9 +135,13 @@ def main(steps: int = 10, warmup: int = 2, rounds: int = 2) -> None:
     share = a2a_s / sum(times["ep"])
     print(f"  1 process            {1e3 * one:8.1f} ms/step")
     print(f"  2 processes, ep=1    {1e3 * dp:8.1f} ms/step  ({dp / one:.2f}x one process)")
-    print(f"  2 processes, ep=2    {1e3 * ep:8.1f} ms/step  ({ep / one:.2f}x one process, {ep / dp:.2f}x ep=1)")
-    print(f"  all-to-all share of the ep=2 step: {100 * share:.1f}% "
-          f"({1e3 * a2a_s / len(times['ep']):.1f} ms/step in {a2a_calls:.0f} calls, forward+backward)")
+    print(
+        f"  2 processes, ep=2    {1e3 * ep:8.1f} ms/step  ({ep / one:.2f}x one process, {ep / dp:.2f}x ep=1)"
+    )
+    print(
+        f"  all-to-all share of the ep=2 step: {100 * share:.1f}% "
+        f"({1e3 * a2a_s / len(times['ep']):.1f} ms/step in {a2a_calls:.0f} calls, forward+backward)"
+    )
     experts = sum(p.numel() for layer in GPT(cfg).moe_layers for p in layer.experts.parameters())
     print(f"  expert parameters per rank: {experts:,} at ep=1, {experts // 2:,} at ep=2")
 
