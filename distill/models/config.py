@@ -9,9 +9,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distill.errors import ConfigError
-from distill.moe.config import MoEConfig
+from distill.moe.config import ACTIVATIONS, MoEConfig
 
 REQUIRED = ("name", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
+NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass
@@ -36,6 +37,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     bias: bool = True  # biases in linear layers and LayerNorms
     init_std: float = 0.02
+    # Llama-family conventions (Mixtral, Qwen2-MoE); the defaults keep the GPT-2 layout above.
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm" (computed in fp32, scaled in the input dtype)
+    norm_eps: float = 1e-5
+    n_kv_heads: Optional[int] = None  # noqa: UP045  grouped-query attention; None -> n_heads
+    attn_bias: Optional[bool] = None  # noqa: UP045  bias of the q/k/v projection; None -> `bias`
+    mlp_activation: str = "gelu"  # dense MLPs: "gelu" | "swiglu"
+    tie_embeddings: bool = True  # the LM head shares the token-embedding matrix
 
     @property
     def ffn_dim(self) -> int:
@@ -45,6 +53,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (fewer than `n_heads` with grouped-query attention)."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attn_bias if self.attn_bias is not None else self.bias
 
     def is_moe_block(self, i: int) -> bool:
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
@@ -93,6 +110,20 @@ class ModelConfig:
             raise ConfigError("model.rope_theta", f"must be positive, got {self.rope_theta}.")
         if self.init_std <= 0:
             raise ConfigError("model.init_std", f"must be positive, got {self.init_std}.")
+        if self.norm not in NORMS:
+            raise ConfigError("model.norm", f"unknown norm {self.norm!r}.", f"use one of {list(NORMS)}.")
+        if not self.norm_eps > 0:
+            raise ConfigError("model.norm_eps", f"must be positive, got {self.norm_eps}.")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads != 0):
+            raise ConfigError(
+                "model.n_kv_heads",
+                f"must be a positive divisor of n_heads={self.n_heads}, got {self.n_kv_heads}.",
+                "set it to a divisor of n_heads, or null for one key/value head per query head.",
+            )
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ConfigError(
+                "model.mlp_activation", f"unknown value {self.mlp_activation!r}.", f"use one of {list(ACTIVATIONS)}."
+            )
         return self
 
 

@@ -1,7 +1,8 @@
 """A GPT-style decoder (nanoGPT layout) whose FFN is a (PR-)MoE layer every `moe_every` blocks.
 
 Tied embeddings, rotary positions, pre-norm LayerNorm, causal attention through
-`scaled_dot_product_attention`, a KV cache for generation. No training concerns live here: the
+`scaled_dot_product_attention`, a KV cache for generation. Config switches give the Llama-family layout
+of Mixtral / Qwen2-MoE: RMSNorm, grouped-query attention, SwiGLU, untied head. No training concerns live here: the
 forward pass returns logits and the MoE layers' statistics; losses are computed by the caller.
 """
 
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 
 from distill.models.config import ModelConfig, load_model_config
 from distill.moe import MoELayer, MoEStats
+from distill.moe.experts import activate, in_width
 
 
 class ModelOutput(NamedTuple):
@@ -92,14 +94,40 @@ def _init_linear(linear: nn.Linear, std: float) -> None:
         nn.init.zeros_(linear.bias)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) computed in fp32, cast back to the input dtype, then scaled (Llama / Mixtral convention)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        # q, k, v projections fused: [n_heads | n_kv_heads | n_kv_heads] * head_dim outputs
+        self.qkv_sizes = [cfg.d_model, self.n_kv_heads * cfg.head_dim, self.n_kv_heads * cfg.head_dim]
+        self.c_attn = nn.Linear(cfg.d_model, sum(self.qkv_sizes), bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -110,8 +138,9 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
         B, L, d = x.shape
-        q, k, v = self.c_attn(x).split(d, dim=-1)
-        q, k, v = (t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0
         if cache is not None:
@@ -125,17 +154,19 @@ class CausalSelfAttention(nn.Module):
             q_pos = torch.arange(start, start + L, device=x.device)
             mask = torch.arange(start + L, device=x.device)[None, :] <= q_pos[:, None]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
 
 
 class MLP(nn.Module):
-    """The dense FFN: Linear -> GELU -> Linear."""
+    """The dense FFN: Linear -> GELU -> Linear, or SwiGLU (`c_fc` projects to [gate | up])."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.activation = cfg.mlp_activation
+        self.c_fc = nn.Linear(cfg.d_model, in_width(cfg.ffn_dim, cfg.mlp_activation), bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -143,7 +174,7 @@ class MLP(nn.Module):
         _init_linear(self.c_proj, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.c_proj(activate(self.c_fc(x), self.activation))
 
 
 class Block(nn.Module):
@@ -151,9 +182,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, num_experts: int | None = None):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer_idx)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.is_moe = num_experts is not None
         self.ffn: nn.Module = (
             MoELayer(cfg.d_model, cfg.ffn_dim, num_experts, cfg.moe) if num_experts is not None else MLP(cfg)
@@ -184,7 +215,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             [Block(cfg, i, next(experts) if cfg.is_moe_block(i) else None) for i in range(cfg.n_layers)]
         )
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
 
@@ -198,8 +229,11 @@ class GPT(nn.Module):
         The MoE layers initialise their own parameters (`MoELayer.init_weights`) with these two stds.
         Also initialises a model built on the meta device after `to_empty` (which unties the head).
         """
-        self.lm_head.weight = self.wte.weight  # tied
         std = self.cfg.init_std
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.wte.weight, mean=0.0, std=std)
         for block in self.blocks:
@@ -224,7 +258,7 @@ class GPT(nn.Module):
         return counts
 
     def num_params(self) -> int:
-        """All parameters, embeddings included (the tied embedding/head matrix counted once).
+        """All parameters, embeddings included (a tied embedding/head matrix counted once).
 
         Counts every expert of every layer, also when expert parallelism keeps only a slice here.
         """
@@ -232,7 +266,7 @@ class GPT(nn.Module):
         return held + sum((n - local) * per for n, local, per in self._expert_counts())
 
     def num_active_params(self) -> int:
-        """Parameters one token goes through: embeddings included (tied, counted once), every
+        """Parameters one token goes through: embeddings included (when tied, counted once), every
         non-expert parameter (attention, norms, dense MLPs, routers, residual MLPs and their mixing
         coefficients, shared experts) and `top_k` routed experts per MoE layer."""
         k = self.cfg.moe.top_k
@@ -244,7 +278,7 @@ class GPT(nn.Module):
         return KVCache(
             self.cfg.n_layers,
             batch_size,
-            self.cfg.n_heads,
+            self.cfg.kv_heads,
             max_len or self.cfg.max_seq_len,
             self.cfg.head_dim,
             device=w.device,

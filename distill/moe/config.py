@@ -30,6 +30,8 @@ class MoEConfig:
     gumbel_noise: bool = False  # Gumbel noise on the logits for the choice only, training only
     residual: bool = False  # PR-MoE residual: dense MLP + routed experts, mixed per token
     num_shared_experts: int = 0  # always-on dense experts, summed
+    shared_d_ff: int | None = None  # hidden size of the shared experts' MLP; None -> num_shared_experts * d_ff
+    shared_gate: bool = False  # scale the shared output per token by sigmoid(x @ w) (Qwen2-MoE)
     aux_free_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3 style)
     aux_free_bias_rate: float = 1e-3
     use_grouped_mm: bool = True  # torch.nn.functional.grouped_mm where shapes allow
@@ -72,6 +74,16 @@ class MoEConfig:
         if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
             raise ConfigError(
                 "model.moe.num_shared_experts", f"must be an integer >= 0, got {self.num_shared_experts!r}."
+            )
+        if self.shared_d_ff is not None and (not isinstance(self.shared_d_ff, int) or self.shared_d_ff <= 0):
+            raise ConfigError(
+                "model.moe.shared_d_ff", f"must be a positive integer or null, got {self.shared_d_ff!r}."
+            )
+        if (self.shared_d_ff is not None or self.shared_gate) and self.num_shared_experts < 1:
+            raise ConfigError(
+                "model.moe.num_shared_experts",
+                "is 0, but model.moe.shared_d_ff / shared_gate configure shared experts.",
+                "set num_shared_experts >= 1, or leave shared_d_ff null and shared_gate false.",
             )
         if self.aux_free_bias_rate < 0:
             raise ConfigError(

@@ -102,8 +102,9 @@ class MoELayer(nn.Module):
 
     Submodules: `router`, `experts` (GroupedExperts, the only expert parameters), `mlp` and `coef`
     (residual), `shared_mlp` (the shared experts as one dense MLP of width num_shared_experts * d_ff,
-    which equals the sum of that many experts). `dispatcher` moves tokens to the experts; an
-    expert-parallel strategy replaces it (and slices `experts`).
+    which equals the sum of that many experts, or `shared_d_ff`) and its optional sigmoid gate
+    `shared_gate`. `dispatcher` moves tokens to the experts; an expert-parallel strategy replaces it
+    (and slices `experts`).
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, cfg: MoEConfig | Mapping[str, Any]):
@@ -121,8 +122,11 @@ class MoELayer(nn.Module):
         self.mlp = MLP(d_model, d_ff, cfg.activation) if cfg.residual else None
         self.coef = nn.Linear(d_model, 2) if cfg.residual else None
         self.shared_mlp = (
-            MLP(d_model, cfg.num_shared_experts * d_ff, cfg.activation) if cfg.num_shared_experts else None
+            MLP(d_model, cfg.shared_d_ff or cfg.num_shared_experts * d_ff, cfg.activation)
+            if cfg.num_shared_experts
+            else None
         )
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate else None
         self.dispatcher: TokenDispatcher = LocalDispatcher()
         self.init_weights(0.02, 0.02)
 
@@ -137,6 +141,8 @@ class MoELayer(nn.Module):
             nn.init.zeros_(self.coef.bias)
         if self.shared_mlp is not None:
             self.shared_mlp.init_weights(std, out_std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=std)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Pairs each expert may keep: max(min_capacity, ceil(k * cf * T / E)), at most T; None when
@@ -179,7 +185,10 @@ class MoELayer(nn.Module):
             c = F.softmax(self.coef(x), dim=-1)
             y = y * c[:, :1] + self.mlp(x) * c[:, 1:]
         if self.shared_mlp is not None:
-            y = y + self.shared_mlp(x)
+            shared = self.shared_mlp(x)
+            if self.shared_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_gate(x))
+            y = y + shared
         stats = MoEStats(
             aux_loss=routing.aux_loss,
             z_loss=routing.z_loss,
