@@ -12,11 +12,17 @@ from collections.abc import Callable
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2, setup: Callable[[], None] | None = None
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 2,
+    setup: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Wall time (s) of each function over `reps` rounds; each round runs every function once in a fresh
-    random order, so that a noisy, shared machine slows all of them alike. `setup` runs (untimed)
-    before each call. Returns the times per function, round by round."""
+    """Time (s, by `clock`: wall time by default) of each function over `reps` rounds; each round runs
+    every function once in a fresh random order, so that a noisy, shared machine slows all of them
+    alike. `setup` runs (untimed) before each call. Returns the times per function, round by round.
+    With one torch thread, `clock=time.thread_time` (CPU time of this thread) ignores time spent
+    waiting for other processes."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -30,9 +36,9 @@ def time_interleaved(
         for name in names:
             if setup is not None:
                 setup()
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 

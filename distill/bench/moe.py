@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,8 @@ def einsum_moe(layer: MoELayer, x: torch.Tensor, capacity_factor: float) -> torc
     return torch.einsum("tec,ecd->td", combine, torch.bmm(h, layer.experts.w_out))
 
 
-def bench_case(num_experts: int, k: int, reps: int) -> dict[str, float]:
+def bench_case(num_experts: int, k: int, reps: int, clock: Callable[[], float]) -> dict[str, float]:
+    """Ratios to the dense FFN (median over interleaved rounds) for one (E, k)."""
     torch.manual_seed(0)
     x = torch.randn(T, D, requires_grad=True)
     grad = torch.randn(T, D)
@@ -66,38 +69,60 @@ def bench_case(num_experts: int, k: int, reps: int) -> dict[str, float]:
             for p in m.parameters():
                 p.grad = None
 
+    def dense_step() -> None:
+        dense(x).backward(grad)
+
     fns = {
-        "dense": lambda: dense(x).backward(grad),
+        "dense": dense_step,
         "moe": lambda: moe_step(dropless),
         "loop": lambda: moe_step(loop),
         "capped": lambda: moe_step(capped),
-        "einsum": lambda: einsum_moe(capped, x, CAPACITY_FACTOR).backward(grad),
     }
-    times = time_interleaved(fns, reps=reps, warmup=2, setup=clear_grads)
+    times = time_interleaved(fns, reps=reps, warmup=2, setup=clear_grads, clock=clock)
+    # the einsum baseline is several times slower: fewer rounds, paired with its own dense runs
+    slow = time_interleaved(
+        {"dense": dense_step, "einsum": lambda: einsum_moe(capped, x, CAPACITY_FACTOR).backward(grad)},
+        reps=max(3, reps // 3),
+        warmup=1,
+        setup=clear_grads,
+        clock=clock,
+    )
     with torch.no_grad():
         drop = capped(x)[1].drop_fraction.item()
     row = {"dense_ms": 1e3 * statistics.median(times["dense"]), "drop": drop}
-    for name in ("moe", "loop", "capped", "einsum"):
+    row["moe_ms"] = 1e3 * statistics.median(times["moe"])
+    for name in ("moe", "loop", "capped"):
         row[name] = median_ratio(times[name], times["dense"])
+    row["einsum"] = median_ratio(slow["einsum"], slow["dense"])
     return row
 
 
-def main(reps: int = 15) -> None:
-    print(
-        f"MoE layer fwd+bwd / dense FFN (hidden k*f) fwd+bwd, T={T} d={D} f={F_HIDDEN}, "
-        f"{torch.get_num_threads()} threads, median of {reps} interleaved rounds"
-    )
+def main(reps: int = 10) -> None:
+    print(f"MoE layer fwd+bwd / dense FFN (hidden k*f) fwd+bwd, T={T} d={D} f={F_HIDDEN}, GELU experts;")
+    print(f"ratio = median over {reps} interleaved rounds (einsum: {max(3, reps // 3)}) after warm-up")
     print("  moe    = MoE layer, dropless, grouped_mm        loop   = same, argsort+split+unbind loop")
-    print(f"  capped = MoE layer, capacity factor {CAPACITY_FACTOR}      einsum = one-hot GShard dispatch, same cf")
-    header = f"{'E':>3} {'k':>2} {'dense ms':>9} {'moe':>6} {'loop':>6} {'capped':>7} {'drop%':>6} {'einsum':>7}"
-    print(header)
-    print("-" * len(header))
-    for num_experts in EXPERTS:
-        for k in TOP_K:
-            r = bench_case(num_experts, k, reps)
-            print(
-                f"{num_experts:>3} {k:>2} {r['dense_ms']:>9.1f} {r['moe']:>6.2f} {r['loop']:>6.2f} "
-                f"{r['capped']:>7.2f} {100 * r['drop']:>6.1f} {r['einsum']:>7.2f}",
-                flush=True,
-            )
+    print(
+        f"  capped = MoE layer, capacity factor {CAPACITY_FACTOR}      einsum = one-hot GShard dispatch, same cf"
+    )
+    print("  threads=1 times are CPU time of the one compute thread (immune to waiting on a shared machine)")
+    default_threads = torch.get_num_threads()
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        clock = time.thread_time if threads == 1 else time.perf_counter
+        header = (
+            f"{'threads':>7} {'E':>3} {'k':>2} {'dense ms':>9} {'moe ms':>7} {'moe':>6} {'loop':>6} "
+            f"{'capped':>7} {'drop%':>6} {'einsum':>7}"
+        )
+        print(header)
+        print("-" * len(header))
+        for num_experts in EXPERTS:
+            for k in TOP_K:
+                r = bench_case(num_experts, k, reps, clock)
+                print(
+                    f"{threads:>7} {num_experts:>3} {k:>2} {r['dense_ms']:>9.1f} {r['moe_ms']:>7.1f} "
+                    f"{r['moe']:>6.2f} {r['loop']:>6.2f} {r['capped']:>7.2f} {100 * r['drop']:>6.1f} "
+                    f"{r['einsum']:>7.2f}",
+                    flush=True,
+                )
+    torch.set_num_threads(default_threads)
     print("goal: moe <= 1.15 (1.0 = the dense FFN's own cost)")
