@@ -27,6 +27,7 @@ from distill.modules import DistillModule
 from distill.pretrain import final_metrics, prepare_data, resume_path
 from distill.training import build_trainer, finish_logger, make_logger, resolved_dict
 from students.mos import derive_student, init_student_from_teacher
+from teachers.hf import hf_teacher_source, use_teacher_tokenizer
 from teachers.native import load_native_teacher, read_native_teacher_config, teacher_ref
 
 
@@ -42,8 +43,10 @@ def teacher_source(cfg: Any) -> tuple[ModelConfig, Any, dict[str, str] | None]:
     t = cfg.teacher
     if t.path is None:
         raise ConfigError("teacher.path", "no teacher given.", "set teacher.path=<export dir or .ckpt>.")
+    if t.kind == "hf":  # a Hugging Face checkpoint (teachers/hf.py)
+        return hf_teacher_source(cfg)
     if t.kind != "native":
-        raise ConfigError("teacher.kind", f"unknown teacher kind '{t.kind}'.", "use teacher.kind=native.")
+        raise ConfigError("teacher.kind", f"unknown teacher kind '{t.kind}'.", "use teacher=native or teacher=hf.")
     teacher_cfg = read_native_teacher_config(t.path)
     ref = teacher_ref(t.path)
     loader = partial(lambda p: load_native_teacher(p)[0], t.path)
@@ -53,6 +56,7 @@ def teacher_source(cfg: Any) -> tuple[ModelConfig, Any, dict[str, str] | None]:
 def run_distill(cfg: Any, out_dir: Path, dm: LMDataModule | None = None) -> dict[str, Any]:
     """Train one student. Returns the stage summary (also used by the pipeline's report)."""
     L.seed_everything(cfg.seed, workers=True)
+    cfg = use_teacher_tokenizer(cfg)  # teacher=hf: the teacher's tokenizer is the data's
     dm = dm or prepare_data(cfg)
     teacher_cfg, loader, ref = teacher_source(cfg)
     if teacher_cfg.vocab_size < dm.vocab_size:
@@ -69,7 +73,10 @@ def run_distill(cfg: Any, out_dir: Path, dm: LMDataModule | None = None) -> dict
                            teacher_loader=loader if schedule.stop_step != 0 else None, teacher=ref)
     ckpt_path = resume_path(cfg.resume, out_dir)
     if cfg.student.init == "teacher" and ckpt_path is None:
-        init_student_from_teacher(module.model, loader(), _obj(cfg.student))
+        teacher = loader()
+        if cfg.teacher.kind == "hf":  # converted to our layout, shaped like the student
+            teacher = teacher.as_gpt(student_cfg)
+        init_student_from_teacher(module.model, teacher, _obj(cfg.student))
     logger = make_logger(cfg.logger, out_dir, cfg.stage, resolved_dict(cfg))
     trainer = build_trainer(cfg, out_dir, logger)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

@@ -21,6 +21,7 @@ from distill.errors import exit_on_config_error
 from distill.evaluate import generation_tokens_per_s
 from distill.pretrain import prepare_data, run_pretrain
 from distill.report import markdown_table, write_report
+from teachers.hf import load_hf_teacher_as_gpt, use_teacher_tokenizer
 
 STUDENTS = {
     "student_staged_kd": None,  # kd as configured (conf/kd/staged.yaml: stop at 70% of the steps)
@@ -40,6 +41,7 @@ def stage_config(cfg: DictConfig, stage: str, **updates: Any) -> DictConfig:
 def run_pipeline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.logger.group is None:  # every stage of this pipeline in one wandb group
         cfg = stage_config(cfg, cfg.stage, **{"logger.group": f"pipeline-{out_dir.name}"})
+    cfg = use_teacher_tokenizer(cfg)  # teacher=hf: the teacher's tokenizer is the data's
     dm = prepare_data(cfg)
     from distill.data import format_stats
 
@@ -52,9 +54,12 @@ def run_pipeline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         teacher_path = t["export_dir"]
     else:
         teacher_path, t = cfg.teacher.path, {}
-    from teachers.native import load_native_teacher
+    if cfg.teacher.kind == "hf":  # converted to our GPT: generation timed the way the students' is
+        teacher = load_hf_teacher_as_gpt(teacher_path)
+    else:
+        from teachers.native import load_native_teacher
 
-    teacher, _ = load_native_teacher(teacher_path)
+        teacher, _ = load_native_teacher(teacher_path)
     t["gen_tokens_per_s"] = generation_tokens_per_s(teacher, dm.vocab_size, cfg.gen_tokens, cfg.gen_batch)
     models["teacher"] = t
     del teacher
