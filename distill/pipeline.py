@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from distill.errors import exit_on_config_error
 from distill.evaluate import generation_tokens_per_s
 from distill.pretrain import prepare_data, run_pretrain
 from distill.report import markdown_table, write_report
+from distill.wandb_run import default_group, log_pipeline_report
 from teachers.hf import load_hf_teacher_as_gpt, use_teacher_tokenizer
 
 STUDENTS = {
@@ -40,7 +40,7 @@ def stage_config(cfg: DictConfig, stage: str, **updates: Any) -> DictConfig:
 
 def run_pipeline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.logger.group is None:  # every stage of this pipeline in one wandb group
-        cfg = stage_config(cfg, cfg.stage, **{"logger.group": f"pipeline-{out_dir.name}"})
+        cfg = stage_config(cfg, cfg.stage, **{"logger.group": default_group(f"pipeline-{out_dir.name}")})
     cfg = use_teacher_tokenizer(cfg)  # teacher=hf: the teacher's tokenizer is the data's
     dm = prepare_data(cfg)
     from distill.data import format_stats
@@ -81,28 +81,9 @@ def run_pipeline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         f"KD stopped at step {models['student_staged_kd'].get('kd_stop_step')} of {cfg.trainer.max_steps}.",
     ]
     paths = write_report(out_dir, models, curves, notes)
-    log_report_to_wandb(cfg, out_dir, models, paths)
+    log_pipeline_report(cfg, out_dir, models, paths)
     print("\n" + markdown_table(models) + "\n" + "\n".join(notes) + f"\nreport: {paths['md']}", flush=True)
     return models
-
-
-def log_report_to_wandb(cfg: DictConfig, out_dir: Path, models: dict[str, dict[str, Any]], paths: dict) -> None:
-    if cfg.logger.kind != "wandb":
-        return
-    import wandb
-
-    from distill.report import COLUMNS
-
-    mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-                     job_type="report", name=f"{cfg.logger.group}-report", dir=str(out_dir), mode=mode,
-                     tags=list(cfg.logger.tags) or None,
-                     config=OmegaConf.to_container(cfg, resolve=True))
-    table = wandb.Table(columns=["model", *COLUMNS], data=[[n, *[r.get(k) for k in COLUMNS]] for n, r in models.items()])
-    run.log({"report/models": table, "report/val_loss": wandb.Image(str(paths["png"]))})
-    for name, row in models.items():
-        run.summary[f"{name}/val_loss"] = row["val_loss"]
-    run.finish()
 
 
 register_configs()

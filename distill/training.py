@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,40 +18,19 @@ def resolved_dict(cfg: Any) -> dict[str, Any]:
 
 
 def make_logger(lcfg: LoggerConfig, out_dir: Path, stage: str, run_config: dict[str, Any]) -> Any:
-    """One logger per stage. wandb runs offline unless WANDB_MODE says otherwise; it never needs a key."""
-    if lcfg.kind == "none":
-        return False
-    if lcfg.kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+    """One logger per stage (distill/wandb_run.py): wandb offline by default, grouped by sweep, a run id that
+    survives requeue, and ``<out_dir>/summary.json``."""
+    from distill.wandb_run import make_stage_logger
 
-        return CSVLogger(save_dir=str(out_dir), name="csv", version="")
-    if lcfg.kind != "wandb":
-        from distill.errors import ConfigError
-
-        raise ConfigError("logger.kind", f"unknown logger '{lcfg.kind}'.", "use wandb, csv or none.")
-    from lightning.pytorch.loggers import WandbLogger
-
-    mode = os.environ.get("WANDB_MODE", lcfg.mode)
-    return WandbLogger(
-        project=lcfg.project,
-        entity=lcfg.entity,
-        group=lcfg.group,
-        tags=list(lcfg.tags) or None,
-        job_type=stage,
-        name=f"{lcfg.group + '-' if lcfg.group else ''}{stage}",
-        save_dir=str(out_dir),
-        offline=mode == "offline",
-        mode=mode,
-        config=run_config,
-    )
+    return make_stage_logger(lcfg, out_dir, stage, run_config)
 
 
-def finish_logger(logger: Any) -> None:
-    """Close the stage's wandb run so the next stage (or multirun job) starts a new one."""
-    if logger and type(logger).__name__ == "WandbLogger":
-        import wandb
+def finish_logger(logger: Any, summary: dict[str, Any] | None = None) -> None:
+    """Write the stage's final summary.json (plus the scalars of ``summary``) and close its wandb run, so
+    the next stage (or multirun job) starts a new one."""
+    from distill.wandb_run import finish_stage_logger
 
-        wandb.finish()
+    finish_stage_logger(logger, summary)
 
 
 def build_strategy(strategy: Any) -> Any:
