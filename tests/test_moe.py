@@ -78,13 +78,19 @@ def reference(
         y = c[:, :1] * y + c[:, 1:] * dense(layer.mlp, xd)
     if cfg.num_shared_experts:  # n separate experts, sliced out of the layer's one wide MLP
         n, f = cfg.num_shared_experts, layer.experts.w_out.shape[1]
+        if cfg.shared_d_ff is not None:  # one shared MLP of its own width
+            n, f = 1, cfg.shared_d_ff
         w1, w2 = layer.shared_mlp.w_in.weight.double(), layer.shared_mlp.w_out.weight.double()
+        shared = torch.zeros_like(y)
         for i in range(n):
             rows_in = list(range(i * f, (i + 1) * f))
             if cfg.activation == "swiglu":
                 rows_in += [n * f + r for r in rows_in]
             h = ref_act(xd @ w1[rows_in].t(), cfg.activation)
-            y = y + h @ w2[:, i * f : (i + 1) * f].t()
+            shared = shared + h @ w2[:, i * f : (i + 1) * f].t()
+        if cfg.shared_gate:
+            shared = shared * torch.sigmoid(xd @ layer.shared_gate.weight.double().t())
+        y = y + shared
 
     choice = torch.zeros(E, dtype=torch.float64)
     for _, e, _ in pairs:
@@ -120,6 +126,8 @@ def make_layer(num_experts: int = 8, seed: int = 0, router_std: float = 1.0, **c
         if layer.coef is not None:
             layer.coef.weight.normal_(std=0.3)
             layer.coef.bias.normal_(std=0.3)
+        if layer.shared_gate is not None:
+            layer.shared_gate.weight.normal_(std=0.3)
     return layer
 
 
@@ -169,12 +177,13 @@ def test_matches_reference(k: int, capacity: str) -> None:
     [
         dict(top_k=1, residual=True, capacity_factor=0.5, min_capacity=1),
         dict(top_k=2, num_shared_experts=2, activation="swiglu", dropless=True),
+        dict(top_k=2, num_shared_experts=1, shared_d_ff=24, shared_gate=True, activation="swiglu"),
         dict(top_k=2, residual=True, num_shared_experts=1, capacity_factor=0.75, min_capacity=1),
         dict(top_k=2, score_func="sigmoid", activation="swiglu", capacity_factor=0.75, min_capacity=1),
         dict(top_k=2, renormalize=False, dropless=True),
         dict(top_k=2, use_grouped_mm=False, capacity_factor=0.75, min_capacity=1, residual=True),
     ],
-    ids=["residual", "shared-swiglu", "residual-shared", "sigmoid", "no-renorm", "loop-path"],
+    ids=["residual", "shared-swiglu", "shared-gated", "residual-shared", "sigmoid", "no-renorm", "loop-path"],
 )
 def test_matches_reference_variants(cfg: dict) -> None:
     assert_matches_reference(make_layer(**cfg))

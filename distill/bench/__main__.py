@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# Before torch is imported: PyTorch's CPU allocator puts tensors >= 2 MB on transparent huge pages, so
+# a step's large fresh buffers (activations, expert gradients) are not dominated by 4 KB page faults.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 SECTIONS = ["moe", "train", "parallel"]  # modules of distill.bench with a main(); add yours here
 

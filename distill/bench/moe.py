@@ -9,6 +9,7 @@ one-hot einsum (GShard-style) dispatch of older systems with capacity factor 1.2
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -97,7 +98,7 @@ def bench_case(num_experts: int, k: int, reps: int, clock: Callable[[], float]) 
     return row
 
 
-def main(reps: int = 10) -> None:
+def main(reps: int = 12) -> None:
     print(f"MoE layer fwd+bwd / dense FFN (hidden k*f) fwd+bwd, T={T} d={D} f={F_HIDDEN}, GELU experts;")
     print(f"ratio = median over {reps} interleaved rounds (einsum: {max(3, reps // 3)}) after warm-up")
     print("  moe    = MoE layer, dropless, grouped_mm        loop   = same, argsort+split+unbind loop")
@@ -105,13 +106,16 @@ def main(reps: int = 10) -> None:
         f"  capped = MoE layer, capacity factor {CAPACITY_FACTOR}      einsum = one-hot GShard dispatch, same cf"
     )
     print("  threads=1 times are CPU time of the one compute thread (immune to waiting on a shared machine)")
+    print(
+        f"  THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')} (huge pages for big tensors)"
+    )
     default_threads = torch.get_num_threads()
     for threads in sorted({default_threads, 1}, reverse=True):
         torch.set_num_threads(threads)
         clock = time.thread_time if threads == 1 else time.perf_counter
         header = (
             f"{'threads':>7} {'E':>3} {'k':>2} {'dense ms':>9} {'moe ms':>7} {'moe':>6} {'loop':>6} "
-            f"{'capped':>7} {'drop%':>6} {'einsum':>7}"
+            f"{'capped':>7} {'drop%':>6} {'einsum':>7} {'load':>5}"
         )
         print(header)
         print("-" * len(header))
@@ -121,8 +125,11 @@ def main(reps: int = 10) -> None:
                 print(
                     f"{threads:>7} {num_experts:>3} {k:>2} {r['dense_ms']:>9.1f} {r['moe_ms']:>7.1f} "
                     f"{r['moe']:>6.2f} {r['loop']:>6.2f} {r['capped']:>7.2f} {100 * r['drop']:>6.1f} "
-                    f"{r['einsum']:>7.2f}",
+                    f"{r['einsum']:>7.2f} {os.getloadavg()[0]:>5.1f}",
                     flush=True,
                 )
     torch.set_num_threads(default_threads)
-    print("goal: moe <= 1.15 (1.0 = the dense FFN's own cost)")
+    print(
+        f"goal: moe <= 1.15 (1.0 = the dense FFN's own cost). load = 1-min load average on {os.cpu_count()} cores:"
+    )
+    print("  above the core count, 2-thread wall times mostly measure waiting for a descheduled thread.")
