@@ -252,7 +252,8 @@ class SweepCallback(Callback):
     """Hydra callback of the apps (``hydra.callbacks.sweep``); harmless outside submitit sweeps."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        check_launcher(config)
+        # Hydra turns a callback's exception into a warning; a SystemExit stops the sweep before any job.
+        exit_on_config_error(check_launcher)(config)
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         export_local_task_env()
