@@ -213,8 +213,8 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig,
         if how in ("rows", "t") and value.shape[1:] == want[1:] and value.shape[0] >= want[0]:
             value = value[: want[0]]
         if value.shape != want:
-            raise ConfigError("student", f"`{ours}` of shape {tuple(want)} cannot take the teacher's "
-                              f"{theirs[0]} of shape {tuple(parts[0].shape)}.")
+            raise ConfigError("teacher.path", f"its {theirs[0]} of shape {tuple(parts[0].shape)} does not "
+                              f"fit our `{ours}` of shape {tuple(want)}.")
         out[ours] = value
     unused = sorted(set(hf_state) - used)
     if unused:
