@@ -98,7 +98,7 @@ def bench_case(num_experts: int, k: int, reps: int, clock: Callable[[], float]) 
     return row
 
 
-def main(reps: int = 12) -> None:
+def main(reps: int = 10) -> None:
     print(f"MoE layer fwd+bwd / dense FFN (hidden k*f) fwd+bwd, T={T} d={D} f={F_HIDDEN}, GELU experts;")
     print(f"ratio = median over {reps} interleaved rounds (einsum: {max(3, reps // 3)}) after warm-up")
     print("  moe    = MoE layer, dropless, grouped_mm        loop   = same, argsort+split+unbind loop")
