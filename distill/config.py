@@ -88,7 +88,9 @@ class RunConfig:
     seed: int = 0
     stage: str = "pretrain"  # wandb job_type and the run's sub-directory
     out_dir: str = "."  # where checkpoints and the export go (defaults to the Hydra run dir)
-    resume: Optional[str] = None  # "last", a checkpoint path, or None
+    # "auto": continue from the newest readable checkpoint in <out_dir>/checkpoints when
+    # there is one, else start fresh; "never" (or null): start fresh; or the path of a .ckpt file.
+    resume: Optional[str] = "auto"
 
 
 @dataclass

@@ -4,7 +4,8 @@
 
 The student is derived from the teacher's architecture (`student` config), trained with
 ``ce_weight * CE + w * KD + aux`` until the KD stop step and ``CE + aux`` after it, when the teacher
-is released. Checkpoints record the teacher's path and content hash.
+is released. Checkpoints record the teacher's path and content hash. With ``resume=auto`` (the default) a
+run started again in the same directory continues exactly where its last readable checkpoint left off.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.config import register_configs
 from distill.data import LMDataModule
-from distill.errors import ConfigError, exit_on_config_error
+from distill.errors import exit_on_config_error
 from distill.export import export_model
 from distill.kd import KDSchedule
 from distill.models import ModelConfig
 from distill.modules import DistillModule
-from distill.pretrain import final_metrics, prepare_data, resume_path
+from distill.pretrain import final_metrics, fit, prepare_data, resume_path
+from distill.runinfo import write_run_info
 from distill.training import build_trainer, finish_logger, make_logger, resolved_dict
+from distill.validation import check_teacher_vocab, run_app, teacher_architecture, validate_config
 from students.mos import derive_student, init_student_from_teacher
 from teachers.hf import hf_teacher_source, use_teacher_tokenizer
-from teachers.native import load_native_teacher, read_native_teacher_config, teacher_ref
+from teachers.native import load_native_teacher, teacher_ref
 
 
 def _obj(node: Any) -> Any:
@@ -41,13 +44,9 @@ def teacher_source(cfg: Any) -> tuple[ModelConfig, Any, dict[str, str] | None]:
     Only the architecture is read here; the weights are loaded by the loader, when a step needs them.
     """
     t = cfg.teacher
-    if t.path is None:
-        raise ConfigError("teacher.path", "no teacher given.", "set teacher.path=<export dir or .ckpt>.")
-    if t.kind == "hf":  # a Hugging Face checkpoint (teachers/hf.py)
+    if t.kind == "hf" and t.path is not None:  # a Hugging Face checkpoint (teachers/hf.py)
         return hf_teacher_source(cfg)
-    if t.kind != "native":
-        raise ConfigError("teacher.kind", f"unknown teacher kind '{t.kind}'.", "use teacher=native or teacher=hf.")
-    teacher_cfg = read_native_teacher_config(t.path)
+    teacher_cfg = teacher_architecture(t)  # ConfigError: no path, unknown kind, nothing at the path
     ref = teacher_ref(t.path)
     loader = partial(lambda p: load_native_teacher(p)[0], t.path)
     return teacher_cfg, loader, {"path": ref.path, "sha256": ref.sha256}
@@ -59,13 +58,7 @@ def run_distill(cfg: Any, out_dir: Path, dm: LMDataModule | None = None) -> dict
     cfg = use_teacher_tokenizer(cfg)  # teacher=hf: the teacher's tokenizer is the data's
     dm = dm or prepare_data(cfg)
     teacher_cfg, loader, ref = teacher_source(cfg)
-    if teacher_cfg.vocab_size < dm.vocab_size:
-        raise ConfigError(
-            "data.tokenizer",
-            f"the teacher's vocabulary ({teacher_cfg.vocab_size}) is smaller than the data's tokenizer "
-            f"({dm.vocab_size}): teacher and student must share the vocabulary.",
-            "use the tokenizer the teacher was trained with (its export's tokenizer.json).",
-        )
+    check_teacher_vocab(cfg.teacher.path, teacher_cfg, dm.tokenizer)
     student_cfg = derive_student(teacher_cfg, _obj(cfg.student), vocab_size=dm.vocab_size)
     kd = _obj(cfg.kd)
     schedule = KDSchedule(kd, cfg.trainer.max_steps)  # validates kd.* against trainer.max_steps
@@ -79,7 +72,8 @@ def run_distill(cfg: Any, out_dir: Path, dm: LMDataModule | None = None) -> dict
         init_student_from_teacher(module.model, teacher, _obj(cfg.student))
     logger = make_logger(cfg.logger, out_dir, cfg.stage, resolved_dict(cfg))
     trainer = build_trainer(cfg, out_dir, logger)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    write_run_info(out_dir, cfg, data=dm, teacher=ref, resumed_from=ckpt_path)
+    fit(trainer, module, dm, ckpt_path, out_dir)
     summary = final_metrics(trainer, module, dm)
     summary.update(
         params_total=module.model.num_params(),
@@ -103,6 +97,7 @@ register_configs()
 @hydra.main(version_base=None, config_path="../conf", config_name="distill")
 @exit_on_config_error
 def main(cfg: DictConfig) -> None:
+    validate_config(cfg, "distill")
     summary = run_distill(cfg, Path(cfg.out_dir))
     print(
         f"[distill] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
@@ -112,4 +107,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, "distill")

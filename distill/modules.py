@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from torchmetrics.aggregation import MeanMetric
 
+from distill.checkpointing import NonFiniteError
 from distill.config import OptimConfig
 from distill.kd import KDConfig, KDSchedule, kd_loss_from_config, kl_to_teacher, top1_agreement
 from distill.models import GPT, ModelConfig, configure_optimizer_groups, lm_loss, load_model_config
@@ -76,6 +77,8 @@ class LMModule(L.LightningModule):
         self.train_time_s = 0.0  # wall time of timed steps (the first step, with warm-up, excluded)
         self.train_tokens_timed = 0
         self.val_history: list[tuple[int, float]] = []  # (step, val loss) of each validation during fit
+        self._nonfinite: dict[str, torch.Tensor] = {}  # loss term -> "was NaN/Inf" since the last optimizer step
+        self._last_terms: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------- training
     def lm_terms(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
@@ -88,6 +91,7 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms, out = self.lm_terms(batch)
+        self.watch_terms(terms)
         self.log_terms("train", terms, out)
         return terms["loss"]
 
@@ -130,10 +134,46 @@ class LMModule(L.LightningModule):
         return self.train_tokens_timed / self.train_time_s if self.train_time_s > 0 else float("nan")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.check_finite()
         for module in self.model.modules():
             update = getattr(module, "update_balance_bias", None)
             if callable(update):
                 update()
+
+
+    # ----------------------------------------------------------------------------- NaN/Inf guard
+    def watch_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        """Note (on device, no sync) whether each loss term of this batch is finite; `check_finite` acts on it."""
+        for name, value in terms.items():
+            bad = ~torch.isfinite(value.detach()).all()
+            self._nonfinite[name] = bad | self._nonfinite[name] if name in self._nonfinite else bad
+        self._last_terms = {name: value.detach() for name, value in terms.items()}
+
+    def check_finite(self) -> None:
+        """Before each optimizer step: stop the run (NonFiniteError) when a loss term or the gradient is NaN/Inf
+        on any rank. Nothing has been applied yet, so the weights and every checkpoint stay finite.
+
+        One small all-reduce and one host sync per optimizer step.
+        """
+        names = list(self._nonfinite)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grad_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros((), dtype=torch.bool)
+        flags = torch.stack([*(self._nonfinite[n] for n in names), grad_bad.to(self.device)]).float()
+        flags = self.trainer.strategy.reduce(flags, reduce_op="sum").tolist()
+        self._nonfinite = {}
+        if not any(flags):
+            return
+        values = {n: float(v) for n, v in self._last_terms.items()}
+        bad = [n for n, f in zip(names, flags) if f and n != "loss"] or [n for n, f in zip(names, flags) if f]
+        shown = ", ".join(f"{n}={values.get(n, float('nan')):.6g}" for n in names if n != "loss")
+        rank_note = "" if self.trainer.world_size == 1 else " (on at least one rank; values of this rank)"
+        if bad:
+            raise NonFiniteError(f"non-finite loss term {' and '.join(bad)} at step {self.global_step}{rank_note}: "
+                                 f"{shown}. Training stopped before the optimizer step.")
+        param = next((n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
+                     "a parameter on another rank")
+        raise NonFiniteError(f"non-finite gradient at step {self.global_step} (first: {param}) while the loss terms "
+                             f"were finite: {shown}. Training stopped before the optimizer step.")
 
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -148,6 +188,12 @@ class LMModule(L.LightningModule):
         self.log("val/ppl", torch.exp(loss), sync_dist=False)
         if self.trainer.state.fn == "fit":
             self.val_history.append((self.global_step, float(loss)))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
 
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -209,7 +255,9 @@ class DistillModule(LMModule):
             if self.teacher_released:
                 raise RuntimeError("the teacher was released at the KD stop step and must not run again")
             assert self.teacher_loader is not None
-            model = self.teacher_loader()
+            # building the model draws from the RNG: keep the training stream as it would be without it
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                model = self.teacher_loader()
             model.eval().requires_grad_(False)
             self._slot.model = model.to(self.device)
         return self._slot.model
@@ -250,6 +298,7 @@ class DistillModule(LMModule):
             # Lightning re-logs a key's last value on steps that do not log it: make "off" explicit
             terms["kd"], weight = terms["ce"].new_zeros(()), 0.0
             self.log("teacher/ce", float("nan"))
+        self.watch_terms(terms)
         self.log("kd/weight", weight)
         self.log("kd/active", float(active))
         self.log_terms("train", terms, out)
@@ -277,9 +326,17 @@ class DistillModule(LMModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["distill"] = {"teacher": self.teacher_info, "kd_stop_step": self.schedule.stop_step}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        stop = (checkpoint.get("distill") or {}).get("kd_stop_step", self.schedule.stop_step)
+        if stop != self.schedule.stop_step:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(f"the checkpoint was trained with KD stop step {stop}, this run stops KD at "
+                           f"{self.schedule.stop_step}: the resumed losses will differ from the original run's.")
         recorded = (checkpoint.get("distill") or {}).get("teacher")
         mine = self.teacher_info
         if recorded and mine and recorded.get("sha256") != mine.get("sha256"):

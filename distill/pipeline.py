@@ -20,6 +20,8 @@ from distill.errors import exit_on_config_error
 from distill.evaluate import generation_tokens_per_s
 from distill.pretrain import prepare_data, run_pretrain
 from distill.report import markdown_table, write_report
+from distill.runinfo import write_run_info
+from distill.validation import run_app, validate_config
 from distill.wandb_run import default_group, log_pipeline_report
 from teachers.hf import load_hf_teacher_as_gpt, use_teacher_tokenizer
 
@@ -43,6 +45,7 @@ def run_pipeline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         cfg = stage_config(cfg, cfg.stage, **{"logger.group": default_group(f"pipeline-{out_dir.name}")})
     cfg = use_teacher_tokenizer(cfg)  # teacher=hf: the teacher's tokenizer is the data's
     dm = prepare_data(cfg)
+    write_run_info(out_dir, cfg, data=dm)
     from distill.data import format_stats
 
     print(format_stats(dm.stats()), flush=True)
@@ -92,8 +95,9 @@ register_configs()
 @hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
 @exit_on_config_error
 def main(cfg: DictConfig) -> None:
+    validate_config(cfg, "pipeline")
     run_pipeline(cfg, Path(cfg.out_dir))
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, "pipeline")

@@ -3,7 +3,9 @@
     python -m distill.pretrain model=tiny data=stdlib trainer.max_steps=300
 
 Writes Lightning checkpoints (``checkpoints/``), an export directory (``export/``: safetensors + model
-config + tokenizer) that a teacher can later be loaded from by path alone, and the stage's logs.
+config + tokenizer) that a teacher can later be loaded from by path alone, ``run_info.json``,
+``losses.jsonl`` and the stage's logs. With ``resume=auto`` (the default) a run started again in the same
+directory continues exactly where its last readable checkpoint left off.
 """
 
 from __future__ import annotations
@@ -16,18 +18,27 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from distill.checkpointing import (
+    CHECKPOINT_DIR,
+    NonFiniteError,
+    ResumableDataModule,
+    latest_good_checkpoint,
+    resolve_resume,
+)
 from distill.config import register_configs
 from distill.data import LMDataModule
 from distill.errors import exit_on_config_error
 from distill.export import export_model
 from distill.models import ModelConfig
 from distill.modules import LMModule
+from distill.runinfo import write_run_info
 from distill.training import build_trainer, finish_logger, make_logger, resolved_dict
+from distill.validation import run_app, validate_config
 
 
 def prepare_data(cfg: Any) -> LMDataModule:
-    """Build (or load from cache) corpus, tokenizer and packed blocks."""
-    dm = LMDataModule(OmegaConf.to_object(cfg.data) if OmegaConf.is_config(cfg.data) else cfg.data)
+    """Build (or load from cache) corpus, tokenizer and packed blocks; the train loader resumes mid-epoch."""
+    dm = ResumableDataModule(OmegaConf.to_object(cfg.data) if OmegaConf.is_config(cfg.data) else cfg.data)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -40,12 +51,20 @@ def model_config_for(cfg_model: Any, vocab_size: int) -> ModelConfig:
 
 
 def resume_path(resume: str | None, out_dir: Path) -> str | None:
-    if resume is None:
-        return None
-    if resume == "last":
-        last = out_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    return resume
+    """The checkpoint ``resume`` (auto / never / a path) points to, as `Trainer.fit`'s ckpt_path."""
+    path = resolve_resume(resume, out_dir)
+    return str(path) if path is not None else None
+
+
+def fit(trainer: L.Trainer, module: LMModule, dm: LMDataModule, ckpt_path: str | None, out_dir: Path) -> None:
+    """`trainer.fit`; a NaN/Inf stop names the checkpoint a fixed run can continue from."""
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except NonFiniteError as err:
+        kept = latest_good_checkpoint(out_dir / CHECKPOINT_DIR)
+        where = f"the last checkpoint, {kept}, is intact" if kept else "no checkpoint had been written yet"
+        raise NonFiniteError(f"{err} {where[0].upper()}{where[1:]}; fix the cause (e.g. lower optim.lr) and start "
+                             "again with resume=auto.") from None
 
 
 def final_metrics(trainer: L.Trainer, module: LMModule, dm: LMDataModule) -> dict[str, float]:
@@ -63,9 +82,11 @@ def run_pretrain(cfg: Any, out_dir: Path, dm: LMDataModule | None = None) -> dic
     dm = dm or prepare_data(cfg)
     model_cfg = model_config_for(cfg.model, dm.vocab_size)
     module = LMModule(model_cfg, cfg.optim, cfg.trainer.max_steps)
+    ckpt_path = resume_path(cfg.resume, out_dir)
     logger = make_logger(cfg.logger, out_dir, cfg.stage, resolved_dict(cfg))
     trainer = build_trainer(cfg, out_dir, logger)
-    trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg.resume, out_dir))
+    write_run_info(out_dir, cfg, data=dm, resumed_from=ckpt_path)
+    fit(trainer, module, dm, ckpt_path, out_dir)
     summary = final_metrics(trainer, module, dm)
     summary.update(
         params_total=module.model.num_params(),
@@ -85,6 +106,7 @@ register_configs()
 @hydra.main(version_base=None, config_path="../conf", config_name="pretrain")
 @exit_on_config_error
 def main(cfg: DictConfig) -> dict[str, Any]:
+    validate_config(cfg, "pretrain")
     out_dir = Path(cfg.out_dir)
     summary = run_pretrain(cfg, out_dir)
     print(
@@ -95,4 +117,4 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, "pretrain")

@@ -40,26 +40,38 @@ def build_strategy(strategy: Any) -> Any:
 
 
 def build_trainer(cfg: Any, out_dir: Path, logger: Any, extra_callbacks: list | None = None) -> L.Trainer:
-    """A Trainer from the `trainer`, `checkpoint` and `strategy` config nodes."""
+    """A Trainer from the `trainer`, `checkpoint` and `strategy` config nodes.
+
+    Checkpoints are written atomically and never with NaN/Inf weights (`AtomicCheckpointIO`); the RNG stream
+    of the training steps is checkpointed (`TrainingRNG`); rank 0 writes each batch's loss terms to
+    ``<out_dir>/losses.jsonl``.
+    """
+    from distill.checkpointing import CHECKPOINT_DIR, AtomicCheckpointIO, TrainingRNG
+    from distill.runinfo import LOSSES, StepLossRecorder
+
     t = cfg.trainer
     ckpt = ModelCheckpoint(
-        dirpath=str(out_dir / "checkpoints"),
+        dirpath=str(out_dir / CHECKPOINT_DIR),
         filename="step{step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint.every_n_steps,
         save_last=cfg.checkpoint.save_last,
         save_top_k=-1,
+        enable_version_counter=False,  # a resumed run that redoes step N overwrites stepN.ckpt (and last.ckpt)
     )
-    callbacks: list = [ckpt, *(extra_callbacks or [])]
+    callbacks: list = [ckpt, TrainingRNG(), StepLossRecorder(out_dir / LOSSES), *(extra_callbacks or [])]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    strategy = build_strategy(cfg.strategy)
+    own_io = getattr(strategy, "_checkpoint_io", None) is not None  # a strategy that brings its own IO keeps it
     return L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
         precision=t.precision,
-        strategy=build_strategy(cfg.strategy),
+        strategy=strategy,
+        plugins=None if own_io else [AtomicCheckpointIO()],
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches,

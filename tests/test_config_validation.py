@@ -1,0 +1,170 @@
+"""Whole-config validation: every bad input names its key and a fix, before any data is built.
+
+Configs are composed in-process with Hydra's compose API from the real conf/ tree; Hydra's own
+composition errors are converted exactly as `run_app` converts them in a real run (checked once end to
+end in a subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from tokenizers import Tokenizer
+
+from distill.config import register_configs
+from distill.data.config import EOS_TOKEN
+from distill.data.tokenizer import TextTokenizer, byte_tokenizer
+from distill.errors import ConfigError
+from distill.export import export_model
+from distill.models import GPT, load_model_config
+from distill.validation import SCHEMAS, check_teacher_vocab, config_error_from_hydra, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer teacher export with MoE layers of 4 and 8 experts."""
+    cfg = load_model_config(dict(name="t", vocab_size=300, d_model=32, n_layers=4, n_heads=2, max_seq_len=16,
+                                 num_experts=[4, 8], moe=dict(top_k=1, residual=True)))
+    torch.manual_seed(0)
+    return export_model(GPT(cfg), cfg, tmp_path_factory.mktemp("teacher") / "export")
+
+
+def composed(app: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name=app, overrides=overrides)
+
+
+def config_error(app: str, overrides: list[str]) -> ConfigError:
+    """The ConfigError a run of ``app`` with ``overrides`` stops with (Hydra's errors converted by run_app's rule)."""
+    try:
+        cfg = composed(app, overrides)
+    except Exception as err:
+        return config_error_from_hydra(err, SCHEMAS[app])
+    with pytest.raises(ConfigError) as caught:
+        validate_config(cfg, app)
+    return caught.value
+
+
+EP4 = ["strategy=expert_parallel", "trainer.devices=4"]
+BAD = [
+    # (app, overrides, key, a piece of the fix)
+    ("pretrain", ["model.d_modle=64"], "model.d_modle", "did you mean `model.d_model`?"),
+    ("pretrain", ["+trainer.max_step=5"], "trainer.max_step", "did you mean `trainer.max_steps`?"),
+    ("pretrain", ["+foo=1"], "foo", "Remove or rename it"),
+    ("pretrain", ["trainer.max_steps=abc"], "trainer.max_steps", "give it an integer, e.g. trainer.max_steps=300"),
+    ("pretrain", ["model.num_experts=[4,x]"], "model.num_experts[1]", "give it an integer"),
+    ("pretrain", ["optim.lr=fast"], "optim.lr", "give it a number, e.g. optim.lr=0.003"),
+    ("pretrain", ["seed=null"], "seed", "e.g. seed=0"),
+    ("pretrain", ["~trainer.max_steps"], "trainer.max_steps", "set a value instead"),
+    ("pretrain", ["model=nope"], "model", "use one of: 1.3b_moe128"),
+    ("pretrain", ["trainer.max_steps=["], "trainer.max_steps", "quote values"),
+    ("pretrain", ["strategy.ep_size=2"], "strategy.ep_size", "select it first, e.g. `strategy=expert_parallel"),
+    ("pretrain", ["+strategy.ep_size=2"], "strategy.ep_size", "belongs to strategy=expert_parallel"),
+    ("pretrain", [*EP4, "+strategy.ep_sise=2"], "strategy.ep_sise", "did you mean `strategy.ep_size`?"),
+    ("pretrain", ["model.moe.top_k=9"], "model.moe.top_k", "lower model.moe.top_k"),
+    ("pretrain", ["model.moe.capacity_factor=0"], "model.moe.capacity_factor", "model.moe.dropless=true"),
+    ("pretrain", ["model.n_heads=3"], "model.n_heads", "pick n_heads that divides d_model"),
+    ("pretrain", [*EP4, "strategy.ep_size=3"], "strategy.ep_size", "use an ep_size that divides 4"),
+    ("pretrain", [*EP4, "strategy.ep_size=4", "model.num_experts=[4,6]"], "model.num_experts",
+     "multiples of strategy.ep_size"),
+    ("pretrain", [*EP4, "strategy.ep_size=0"], "strategy.ep_size", "it must divide trainer.devices"),
+    ("pretrain", ["trainer.max_steps=0"], "trainer.max_steps", "need a finite run"),
+    ("pretrain", ["trainer.devices=0"], "trainer.devices", "e.g. trainer.devices=1"),
+    ("pretrain", ["optim.lr=0"], "optim.lr", "e.g. optim.lr=3e-4"),
+    ("pretrain", ["optim.beta2=1.5"], "optim.beta2", "e.g. 0.9 and 0.95"),
+    ("pretrain", ["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps", "e.g. checkpoint.every_n_steps=100"),
+    ("pretrain", ["resume=/nonexistent/last.ckpt"], "resume", "use resume=auto"),
+    ("pretrain", ["data.val_fraction=1.5"], "data.val_fraction", "must leave documents to train on"),
+    ("pretrain", ["data.tokenizer.kind=words"], "data.tokenizer.kind", "use bpe, bytes or pretrained"),
+    ("distill", ["teacher.path=null"], "teacher.path", "set teacher.path=<export dir or .ckpt>"),
+    ("distill", ["teacher.path=/nonexistent/export"], "teacher.path", "point it at the `export/` directory"),
+    ("distill", ["teacher.kind=onnx"], "teacher.kind", "use teacher=native"),
+    ("distill", ["student.n_layers=9"], "student.n_layers", "set student.n_layers between 1 and 4"),
+    ("distill", ["student.depth_ratio=1.5"], "student.depth_ratio", "e.g. student.depth_ratio=0.875"),
+    ("distill", ["student.num_experts=[4,8,8]"], "student.num_experts", "give 1 expert counts"),
+    ("distill", ["student.init=copy"], "student.init", "use one of scratch, teacher"),
+    ("distill", ["kd.stop_step=500", "kd.stop_fraction=null", "trainer.max_steps=100"], "kd.stop_step",
+     "lower the KD stop step or raise trainer.max_steps"),
+    ("distill", ["kd.stop_step=10"], "kd.stop_fraction", "set one of them to null"),
+    ("distill", ["kd.temperature=0"], "kd.temperature", "e.g. 1.0"),
+    ("distill", ["kd.loss=mse"], "kd.loss", "use one of forward_kl, reverse_kl, jsd"),
+    ("distill", [*EP4, "strategy.ep_size=8"], "strategy.ep_size", "use an ep_size that divides 4"),
+    ("pipeline", ["resume=/tmp/step000100.ckpt"], "resume", "use resume=auto"),
+    ("pipeline", ["gen_tokens=0"], "gen_tokens", "e.g. gen_tokens=4"),
+]
+
+
+@pytest.mark.parametrize("app, overrides, key, fix", BAD, ids=[" ".join(c[1]) for c in BAD])
+def test_bad_input_names_the_key_and_the_fix(app: str, overrides: list[str], key: str, fix: str, teacher: Path):
+    if app == "distill" and not any(o.startswith("teacher.path=") for o in overrides):
+        overrides = [f"teacher.path={teacher}", *overrides]
+    err = config_error(app, overrides)
+    assert err.key == key, str(err)
+    assert err.fix and fix in err.fix, str(err)
+    assert f"config key `{key}`" in str(err) and "\n" not in str(err)
+
+
+@pytest.mark.parametrize("app, overrides", [
+    ("pretrain", []),
+    ("pretrain", [*EP4, "strategy.ep_size=2"]),
+    ("pretrain", ["strategy=expert_parallel", "trainer.devices=2"]),  # ep_size null: one node's processes
+    ("pretrain", ["strategy=ddp", "trainer.devices=2", "+strategy.find_unused_parameters=true"]),
+    ("pretrain", ["resume=never", "model=350m_prmoe32_64"]),
+    ("distill", ["kd=full"]),
+    ("distill", ["kd=none", "student.n_layers=4", *EP4, "strategy.ep_size=4"]),
+    ("pipeline", []),
+    ("pipeline", ["teacher.path={teacher}", "resume=null"]),
+])
+def test_good_configs_pass(app: str, overrides: list[str], teacher: Path):
+    overrides = [o.replace("{teacher}", str(teacher)) for o in overrides]
+    if app == "distill":
+        overrides = [f"teacher.path={teacher}", *overrides]
+    validate_config(composed(app, overrides), app)
+
+
+def swapped(backend: Tokenizer, a: str, b: str) -> Tokenizer:
+    """The same tokenizer with the ids of tokens ``a`` and ``b`` exchanged."""
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def test_teacher_and_data_vocabularies_must_match(tmp_path: Path) -> None:
+    ours = TextTokenizer(byte_tokenizer(), EOS_TOKEN, "bytes")
+    cfg = load_model_config(dict(name="t", vocab_size=ours.vocab_size, d_model=16, n_layers=2, n_heads=2,
+                                 max_seq_len=8, num_experts=[2]))
+    same = export_model(GPT(cfg), cfg, tmp_path / "same", tokenizer=ours)
+    check_teacher_vocab(same, cfg, ours)  # identical: fine
+
+    other = TextTokenizer(swapped(byte_tokenizer(), "a", "b"), EOS_TOKEN, "bytes")
+    differs = export_model(GPT(cfg), cfg, tmp_path / "differs", tokenizer=other)
+    with pytest.raises(ConfigError) as err:
+        check_teacher_vocab(differs, cfg, ours)
+    assert err.value.key == "data.tokenizer" and "about 2 token ids differ" in str(err.value)
+    assert f"data.tokenizer.path={differs / 'tokenizer.json'}" in err.value.fix
+
+    small = load_model_config(dict(name="t", vocab_size=200, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
+                                   num_experts=[2]))
+    with pytest.raises(ConfigError) as err:
+        check_teacher_vocab(tmp_path / "no-export", small, ours)
+    assert err.value.key == "data.tokenizer" and "smaller" in str(err.value) and err.value.fix
+
+
+def test_hydra_errors_exit_2_with_one_line_in_a_real_run(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "distill.pretrain", "trainer.max_steps=abc", f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "distill: error: config key `trainer.max_steps`: value 'abc' of type 'str' could not be converted to "
+        "Integer; the schema wants an integer. Fix: give it an integer, e.g. trainer.max_steps=300."
+    ]
