@@ -108,9 +108,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            problem = verify_checkpoint(path)
+            if problem is None:  # the file is fine: the error is about something else
+                raise
             raise ConfigError(
-                "resume",
-                f"checkpoint {path} cannot be read ({_first_line(err)}): it is truncated or corrupt.",
+                "resume", f"checkpoint {path} cannot be read: {problem}.",
                 "resume=auto skips unreadable checkpoints; or pass an earlier step*.ckpt.",
             ) from err
 

@@ -140,7 +140,6 @@ class LMModule(L.LightningModule):
             if callable(update):
                 update()
 
-
     # ----------------------------------------------------------------------------- NaN/Inf guard
     def watch_terms(self, terms: dict[str, torch.Tensor]) -> None:
         """Note (on device, no sync) whether each loss term of this batch is finite; `check_finite` acts on it."""

@@ -202,13 +202,14 @@ class Indices(Dataset):
         return i
 
 
-def plain_loader(rank: int = 0) -> DataLoader:
+def plain_loader(rank: int = 0, workers: int = 0) -> DataLoader:
     sampler = DistributedSampler(Indices(), num_replicas=2, rank=rank, shuffle=True, seed=3, drop_last=True)
-    return DataLoader(Indices(), batch_size=4, sampler=sampler)
+    return DataLoader(Indices(), batch_size=4, sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
 
 
-@pytest.mark.parametrize("epoch, consumed", [(0, 1), (0, 3), (2, 2), (1, 0), (1, 4), (1, 5)])
-def test_resumable_loader_continues_with_the_next_batch(epoch: int, consumed: int) -> None:
+@pytest.mark.parametrize("epoch, consumed, workers", [(0, 1, 0), (0, 3, 0), (2, 2, 0), (1, 0, 0), (1, 4, 0), (1, 5, 0),
+                                                      (1, 2, 2)])
+def test_resumable_loader_continues_with_the_next_batch(epoch: int, consumed: int, workers: int) -> None:
     """Batches seen before the checkpoint + batches after the restore == an uninterrupted plain loader.
     (37 samples, 2 replicas, batches of 4: 5 batches per epoch; after all 5, Lightning starts the next epoch.)"""
 
@@ -218,14 +219,14 @@ def test_resumable_loader_continues_with_the_next_batch(epoch: int, consumed: in
 
     reference = plain_loader(rank=1)
     want = epoch_batches(reference, epoch) + epoch_batches(reference, epoch + 1)
-    first = ResumableLoader(plain_loader(rank=1))
+    first = ResumableLoader(plain_loader(rank=1, workers=workers))
     first.sampler.set_epoch(epoch)
     it = iter(first)
     seen = [next(it).tolist() for _ in range(consumed)]
     state = first.state_dict()
     assert state == {"epoch": epoch if consumed else None, "batches": consumed}
 
-    resumed = ResumableLoader(plain_loader(rank=1))
+    resumed = ResumableLoader(plain_loader(rank=1, workers=workers))
     resumed.load_state_dict(state)
     finished = consumed == len(reference)
     got = seen + ([] if finished else epoch_batches(resumed, epoch)) + epoch_batches(resumed, epoch + 1)
@@ -301,9 +302,10 @@ def test_auto_resume_takes_the_newest_good_checkpoint(tmp_path: Path, capsys) ->
     assert "last.ckpt is unusable: the file is empty" in err and "step000003.ckpt is unusable" in err
     assert resolve_resume("never", tmp_path) is None and resolve_resume(None, tmp_path) is None
     assert resolve_resume("auto", tmp_path / "fresh") is None
-    with pytest.raises(ConfigError) as bad:
-        resolve_resume(str(ckpts / "step000003.ckpt"), tmp_path)
-    assert bad.value.key == "resume" and "truncated" in str(bad.value)
+    for load in (lambda p: resolve_resume(str(p), tmp_path), AtomicCheckpointIO().load_checkpoint):
+        with pytest.raises(ConfigError) as bad:
+            load(ckpts / "step000003.ckpt")
+        assert bad.value.key == "resume" and "truncated" in str(bad.value) and bad.value.fix
 
 
 # ----------------------------------------------------------------------------------------------------
