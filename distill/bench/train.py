@@ -57,9 +57,17 @@ class StepTimer(L.Callback):
 
 def fit_step_times(module: L.LightningModule, skip: int) -> float:
     timer = StepTimer()
-    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                        callbacks=[timer])
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, train_dataloaders=DataLoader(RandomBlocks(STEPS * BATCH), batch_size=BATCH))
     return statistics.median(timer.times[skip:])
 
@@ -81,8 +89,12 @@ def theoretical_kd_ratio(teacher: torch.nn.Module, student: torch.nn.Module) -> 
         with torch.inference_mode():
             teacher(inp)
 
-    times = time_interleaved({"s": student_fwd_bwd, "t": teacher_fwd}, reps=8, warmup=2,
-                             setup=lambda: student.zero_grad(set_to_none=True))
+    times = time_interleaved(
+        {"s": student_fwd_bwd, "t": teacher_fwd},
+        reps=8,
+        warmup=2,
+        setup=lambda: student.zero_grad(set_to_none=True),
+    )
     return 1.0 + median_ratio(times["t"], times["s"])
 
 
@@ -90,10 +102,14 @@ def main() -> None:
     torch.manual_seed(0)
     teacher_cfg = load_model_config({**OmegaConf.to_container(OmegaConf.load(CONF)), "vocab_size": VOCAB})
     student_cfg = derive_student(teacher_cfg, StudentConfig())
-    print(f"teacher {teacher_cfg.name}: {GPT(teacher_cfg).num_params() / 1e6:.2f}M params; "
-          f"student {student_cfg.name}: {GPT(student_cfg).num_params() / 1e6:.2f}M params; "
-          f"batch {BATCH} x {SEQ} tokens, CPU threads {torch.get_num_threads()}")
-    print(f"tiny teacher training: {teacher_tokens_per_s(teacher_cfg):,.0f} tokens/s (fwd+bwd+AdamW, Lightning)")
+    print(
+        f"teacher {teacher_cfg.name}: {GPT(teacher_cfg).num_params() / 1e6:.2f}M params; "
+        f"student {student_cfg.name}: {GPT(student_cfg).num_params() / 1e6:.2f}M params; "
+        f"batch {BATCH} x {SEQ} tokens, CPU threads {torch.get_num_threads()}"
+    )
+    print(
+        f"tiny teacher training: {teacher_tokens_per_s(teacher_cfg):,.0f} tokens/s (fwd+bwd+AdamW, Lightning)"
+    )
 
     with TemporaryDirectory() as tmp:
         export = export_model(GPT(teacher_cfg), teacher_cfg, Path(tmp) / "teacher")
@@ -102,10 +118,26 @@ def main() -> None:
         on, off = [], []
         for _ in range(ROUNDS):  # rounds alternate the three runs so machine noise hits them alike
             base = fit_step_times(LMModule(student_cfg, OptimConfig(), STEPS), SKIP)
-            kd_on = fit_step_times(DistillModule(student_cfg, OptimConfig(), STEPS, KDConfig(),
-                                                 teacher_loader=lambda: load_native_teacher(export)[0]), SKIP)
-            kd_off = fit_step_times(DistillModule(student_cfg, OptimConfig(), STEPS, KDConfig(stop_step=2),
-                                                  teacher_loader=lambda: load_native_teacher(export)[0]), SKIP)
+            kd_on = fit_step_times(
+                DistillModule(
+                    student_cfg,
+                    OptimConfig(),
+                    STEPS,
+                    KDConfig(),
+                    teacher_loader=lambda: load_native_teacher(export)[0],
+                ),
+                SKIP,
+            )
+            kd_off = fit_step_times(
+                DistillModule(
+                    student_cfg,
+                    OptimConfig(),
+                    STEPS,
+                    KDConfig(stop_step=2),
+                    teacher_loader=lambda: load_native_teacher(export)[0],
+                ),
+                SKIP,
+            )
             on.append(kd_on / base)
             off.append(kd_off / base)
     print(f"{'distillation step / student-only step':<44}{'measured':>10}{'theory':>10}")
