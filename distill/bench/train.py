@@ -22,7 +22,7 @@ from distill.bench import median_ratio, time_interleaved
 from distill.config import OptimConfig
 from distill.export import export_model
 from distill.kd import KDConfig
-from distill.models import GPT, load_model_config, lm_loss
+from distill.models import GPT, lm_loss, load_model_config
 from distill.modules import DistillModule, LMModule
 from students.config import StudentConfig
 from students.mos import derive_student
