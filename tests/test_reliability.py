@@ -186,7 +186,7 @@ def test_nan_teacher_stops_with_one_line_naming_the_term_and_step(setup: Setup, 
     assert proc.returncode == 3, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("distill: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert "non-finite loss term kd at step 0" in errors[0] and "no checkpoint had been written" in errors[0]
+    assert "non-finite loss term kd at step 0" in errors[0] and "No checkpoint had been written yet" in errors[0]
     assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
 
 
