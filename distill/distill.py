@@ -86,8 +86,9 @@ def run_distill(cfg: Any, out_dir: Path, dm: LMDataModule | None = None) -> dict
     if trainer.is_global_zero:
         export_model(module.model, student_cfg, out_dir / "export", tokenizer=dm.tokenizer,
                      meta={"stage": cfg.stage, "teacher": ref, "data_fingerprint": dm.fingerprint})
+    trainer.strategy.barrier("export")
+    finish_logger(logger, {k: v for k, v in summary.items() if k != "val_history"})
     summary["model"] = module.model
-    finish_logger(logger)
     return summary
 
 

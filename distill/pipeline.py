@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import register_configs
@@ -83,6 +84,8 @@ def run_pipeline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         f"staged KD {'beat' if staged < no_kd else 'did not beat'} no KD: val loss {staged:.4f} vs {no_kd:.4f}.",
         f"KD stopped at step {models['student_staged_kd'].get('kd_stop_step')} of {cfg.trainer.max_steps}.",
     ]
+    if rank_zero_only.rank != 0:  # under DDP every rank runs the stages; one writes the report
+        return models
     paths = write_report(out_dir, models, curves, notes)
     log_pipeline_report(cfg, out_dir, models, paths)
     print("\n" + markdown_table(models) + "\n" + "\n".join(notes) + f"\nreport: {paths['md']}", flush=True)

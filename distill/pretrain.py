@@ -96,7 +96,8 @@ def run_pretrain(cfg: Any, out_dir: Path, dm: LMDataModule | None = None) -> dic
     if trainer.is_global_zero:
         export_model(module.model, model_cfg, out_dir / "export", tokenizer=dm.tokenizer,
                      meta={"stage": cfg.stage, "data_fingerprint": dm.fingerprint, **summary})
-    finish_logger(logger)
+    trainer.strategy.barrier("export")  # other ranks (and later stages) read the export only once it exists
+    finish_logger(logger, summary)
     return summary
 
 

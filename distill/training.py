@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import LoggerConfig
@@ -64,6 +65,9 @@ def build_trainer(cfg: Any, out_dir: Path, logger: Any, extra_callbacks: list | 
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     strategy = build_strategy(cfg.strategy)
     own_io = getattr(strategy, "_checkpoint_io", None) is not None  # a strategy that brings its own IO keeps it
+    plugins: list = [] if own_io else [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # submitit owns requeue (USR2 + max_num_timeout): Lightning must not
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
@@ -71,7 +75,7 @@ def build_trainer(cfg: Any, out_dir: Path, logger: Any, extra_callbacks: list | 
         num_nodes=t.num_nodes,
         precision=t.precision,
         strategy=strategy,
-        plugins=None if own_io else [AtomicCheckpointIO()],
+        plugins=plugins or None,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches,

@@ -111,4 +111,4 @@ def test_bad_input_exits_nonzero_naming_the_key(app, overrides, key, tmp_path):
 
 def test_unknown_key_rejected_by_schema(tmp_path):
     proc = run_app("pretrain", "model.d_modle=64", f"hydra.run.dir={tmp_path}", ok=False)
-    assert proc.returncode != 0 and "d_modle" in proc.stderr
+    assert proc.returncode == 2 and "`model.d_modle`" in proc.stderr and "model.d_model" in proc.stderr
