@@ -86,7 +86,8 @@ def run_pipeline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     ]
     if rank_zero_only.rank != 0:  # under DDP every rank runs the stages; one writes the report
         return models
-    paths = write_report(out_dir, models, curves, notes)
+    stop = models["student_staged_kd"].get("kd_stop_step")
+    paths = write_report(out_dir, models, curves, notes, {"KD stop (staged)": stop} if stop else None)
     log_pipeline_report(cfg, out_dir, models, paths)
     print("\n" + markdown_table(models) + "\n" + "\n".join(notes) + f"\nreport: {paths['md']}", flush=True)
     return models

@@ -28,7 +28,10 @@ def markdown_table(models: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+def plot_curves(
+    curves: dict[str, list[tuple[int, float]]], path: Path, title: str, markers: dict[str, int] | None = None
+) -> Path:
+    """Validation-loss curves; ``markers`` draws a labelled vertical line per step (e.g. the KD stop)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,6 +42,10 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: s
         if points:
             steps, losses = zip(*points)
             ax.plot(steps, losses, marker="o", markersize=3, label=name)
+    for label, step in (markers or {}).items():
+        ax.axvline(step, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(label, (step, 0.98), xycoords=("data", "axes fraction"), ha="right", va="top",
+                    rotation=90, fontsize=8, color="grey")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)
@@ -52,13 +59,13 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: s
 
 def write_report(
     out_dir: Path, models: dict[str, dict[str, Any]], curves: dict[str, list[tuple[int, float]]],
-    notes: list[str] | None = None,
+    notes: list[str] | None = None, markers: dict[str, int] | None = None,
 ) -> dict[str, Path]:
     """Write report.json, report.md and val_loss.png into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = {name: {k: row.get(k) for k in (*COLUMNS, *[k for k in row if k not in COLUMNS])}
             for name, row in models.items()}
-    png = plot_curves(curves, out_dir / "val_loss.png", "Mixture-of-Students: validation loss")
+    png = plot_curves(curves, out_dir / "val_loss.png", "Mixture-of-Students: validation loss", markers)
     payload = {"models": rows, "val_curves": {k: [list(p) for p in v] for k, v in curves.items()},
                "notes": notes or []}
     (out_dir / "report.json").write_text(json.dumps(payload, indent=2, default=float))
