@@ -99,8 +99,12 @@ class LMModule(L.LightningModule):
         for name, value in terms.items():
             self.log(f"{prefix}/{name}", value.detach(), prog_bar=name == "loss")
         self.log(f"{prefix}/ppl", torch.exp(terms["ce"].detach()))
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if self.is_logging_step():
             self.log_moe_stats(out.moe_stats)
+
+    def is_logging_step(self) -> bool:
+        """Steps whose values reach the logger: metrics that cost compute are only computed on them."""
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
 
     def log_moe_stats(self, stats: list) -> None:
         """Per-MoE-layer load imbalance (coefficient of variation of tokens per expert) and drop fraction."""
@@ -230,7 +234,6 @@ class DistillModule(LMModule):
         teacher: dict[str, str] | None = None,
     ):
         super().__init__(model_cfg, optim, max_steps, kd=kd, teacher=teacher)
-        self.kd = kd
         self.schedule = KDSchedule(kd, max_steps)
         self.kd = kd = self.schedule.cfg
         self.teacher_loader = teacher_loader
@@ -292,7 +295,8 @@ class DistillModule(LMModule):
             terms["loss"] = (k.ce_weight * terms["ce"] + weight * kd + self.optim.aux_coef * terms["aux"]
                              + self.optim.z_coef * terms["z"])
             terms["kd"] = kd
-            self.log("teacher/ce", lm_loss(t_logits, targets, loss_mask(batch)))
+            if self.is_logging_step():  # a full log-softmax over the vocabulary: only when it is logged
+                self.log("teacher/ce", lm_loss(t_logits, targets, loss_mask(batch)))
         else:
             # Lightning re-logs a key's last value on steps that do not log it: make "off" explicit
             terms["kd"], weight = terms["ce"].new_zeros(()), 0.0
