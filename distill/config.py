@@ -1,41 +1,88 @@
-"""Top-level config schemas of the Hydra apps.
+"""The config schema of the Hydra apps: one dataclass per config node, each with the checks of its values.
 
 The YAML files under ``conf/`` are merged onto these dataclasses (each app's primary config lists its
 schema first in its defaults list), so a misspelt key or a wrong type is rejected with the key's name
-before anything runs. Each group's node is the dataclass of the code it configures: ``data`` ->
+before anything runs. The nodes of the components are their own dataclasses (``data`` ->
 :class:`distill.data.DataConfig`, ``model`` -> :class:`distill.models.ModelConfig`, ``kd`` ->
-:class:`distill.kd.KDConfig`.
+:class:`distill.kd.KDConfig`, ``student`` -> :class:`students.config.StudentConfig`). The ``validate``
+methods run once per run, from :func:`distill.resolve.resolve` (docs/architecture.md, "Configuration").
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
 from distill.data.config import DataConfig
+from distill.errors import ConfigError
 from distill.kd import KDConfig
 from distill.models.config import ModelConfig
 from students.config import StudentConfig
 
+RESUME_AUTO, RESUME_FRESH = "auto", ("never", "none")
+
 
 @dataclass
 class TrainerConfig:
-    """Arguments of ``lightning.Trainer`` that users set (the rest are derived)."""
+    """``lightning.Trainer`` (built with ``hydra.utils.instantiate``); logger, callbacks, strategy and
+    plugins are added by :func:`distill.train.trainer.build_trainer`."""
 
+    _target_: str = "lightning.pytorch.Trainer"
     max_steps: int = 300
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
     precision: str = "32-true"
     val_check_interval: int = 50  # optimizer steps between validations
+    check_val_every_n_epoch: Optional[int] = None  # validation by steps, across epochs
     limit_val_batches: int = 20
+    num_sanity_val_steps: int = 0
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
     enable_progress_bar: bool = True
     deterministic: bool = False
+
+    def validate(self) -> TrainerConfig:
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ConfigError("trainer.max_steps", f"must be >= 1, got {self.max_steps}.",
+                              "the learning-rate schedule and kd.stop_fraction need a finite run, e.g. 300.")
+        devices = self.devices
+        if isinstance(devices, int) and (devices == 0 or devices < -1):
+            raise ConfigError("trainer.devices", f"must be >= 1, -1 (all) or auto, got {devices}.",
+                              "e.g. trainer.devices=1.")
+        if isinstance(devices, str) and devices != "auto" and not re.fullmatch(r"-?\d+|(\d+,)*\d+,?", devices):
+            raise ConfigError("trainer.devices", f"cannot read {devices!r} as a device count or list.",
+                              "use an integer, a list such as [0,1], or auto.")
+        for key, low in (("num_nodes", 1), ("val_check_interval", 1), ("log_every_n_steps", 1),
+                         ("accumulate_grad_batches", 1), ("limit_val_batches", 0)):
+            value = getattr(self, key)
+            if value < low:
+                raise ConfigError(f"trainer.{key}", f"must be >= {low}, got {value}.",
+                                  f"e.g. trainer.{key}={max(low, 1)}.")
+        if self.gradient_clip_val is not None and not 0 <= self.gradient_clip_val < math.inf:
+            raise ConfigError("trainer.gradient_clip_val",
+                              f"must be >= 0 and finite, or null, got {self.gradient_clip_val}.",
+                              "e.g. 1.0 (null: no clipping).")
+        return self
+
+    @property
+    def world_size(self) -> int | None:
+        """devices x num_nodes, or None when the device count is only known at launch (auto, -1)."""
+        devices = self.devices
+        if isinstance(devices, str) and re.fullmatch(r"\d+", devices):
+            devices = int(devices)
+        elif isinstance(devices, str) and "," in devices:
+            devices = [d for d in devices.split(",") if d]
+        if isinstance(devices, int) and devices >= 1:
+            return devices * self.num_nodes
+        if isinstance(devices, (list, tuple)):
+            return len(devices) * self.num_nodes
+        return None
 
 
 @dataclass
@@ -52,6 +99,25 @@ class OptimConfig:
     aux_coef: float = 0.01  # MoE load-balancing loss coefficient (DeepSpeed-MoE: 0.01)
     z_coef: float = 0.001  # router z-loss coefficient
 
+    def validate(self) -> OptimConfig:
+        if not 0 < self.lr < math.inf:
+            raise ConfigError("optim.lr", f"must be > 0 and finite, got {self.lr}.", "e.g. optim.lr=3e-4.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}.", "e.g. 0.1.")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}.", "e.g. 30.")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}", f"must be in [0, 1), got {getattr(self, key)}.",
+                                  "e.g. 0.9 and 0.95.")
+        if not self.eps > 0:
+            raise ConfigError("optim.eps", f"must be > 0, got {self.eps}.", "e.g. 1e-8.")
+        for key in ("weight_decay", "aux_coef", "z_coef"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ConfigError(f"optim.{key}", f"must be >= 0 and finite, got {getattr(self, key)}.",
+                                  "0 turns it off.")
+        return self
+
 
 @dataclass
 class LoggerConfig:
@@ -62,16 +128,29 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
     mode: str = "offline"  # wandb mode; the WANDB_MODE environment variable wins
 
+    def validate(self) -> LoggerConfig:
+        if self.kind not in ("wandb", "csv", "none"):
+            raise ConfigError("logger.kind", f"unknown logger {self.kind!r}.", "use logger=wandb, csv or none.")
+        return self
+
 
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 100
     save_last: bool = True
 
+    def validate(self) -> CheckpointConfig:
+        if self.every_n_steps < 1:
+            raise ConfigError("checkpoint.every_n_steps", f"must be >= 1, got {self.every_n_steps}.",
+                              "e.g. checkpoint.every_n_steps=100.")
+        return self
+
 
 @dataclass
 class TeacherConfig:
-    kind: str = "native"  # "native" (an export dir or .ckpt of this project) | "hf" (Hugging Face)
+    """A teacher source (teachers/): ``_target_`` is its class (conf/teacher/*.yaml), ``path`` where it is."""
+
+    _target_: str = "teachers.native.ExportTeacher"
     path: Optional[str] = None
 
 
@@ -84,13 +163,13 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    strategy: Any = "auto"  # a Lightning strategy name, or a node with `_target_` (conf/strategy/)
+    strategy: Any = "auto"  # conf/strategy/: a node with the strategy's name, or with `_target_` and arguments
     seed: int = 0
     stage: str = "pretrain"  # wandb job_type and the run's sub-directory
     out_dir: str = "."  # where checkpoints and the export go (defaults to the Hydra run dir)
     # "auto": continue from the newest readable checkpoint in <out_dir>/checkpoints when
     # there is one, else start fresh; "never" (or null): start fresh; or the path of a .ckpt file.
-    resume: Optional[str] = "auto"
+    resume: Optional[str] = RESUME_AUTO
 
 
 @dataclass
@@ -121,9 +200,11 @@ class PipelineConfig(DistillConfig):
     stage: str = "pipeline"
 
 
+SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "distill": DistillConfig, "pipeline": PipelineConfig}
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
-    cs.store(name="pretrain_schema", node=PretrainConfig)
-    cs.store(name="distill_schema", node=DistillConfig)
-    cs.store(name="pipeline_schema", node=PipelineConfig)
+    for app, schema in SCHEMAS.items():
+        cs.store(name=f"{app}_schema", node=schema)

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
 from distill.errors import ConfigError
-from distill.models import GPT, ModelConfig, load_model_config
+from distill.models import GPT, ModelConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -31,8 +30,6 @@ TOKENIZER = "tokenizer.json"
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return asdict(cfg)
 
 
@@ -77,7 +74,7 @@ def load_exported(path: str | os.PathLike, key: str = "teacher.path") -> tuple[t
             "point it at the `export/` directory written by `python -m distill.pretrain`.",
         )
     payload = json.loads((p / CONFIG).read_text())
-    cfg = load_model_config(payload["model"])
+    cfg = ModelConfig.from_dict(payload["model"]).validate()  # a file's config: checked as it is read
     model = GPT(cfg)
     load_model(model, str(p / WEIGHTS))
     return model, cfg

@@ -1,35 +1,28 @@
-"""Sweeps: the report of a Hydra multirun, and the Hydra callback that keeps cluster sweeps consistent.
+"""Sweeps: the report of a Hydra multirun.
 
     python -m distill.sweep multirun/kd_stop_2026-01-31_12-00-00 [--metric val_loss] [--x kd.stop_fraction]
 
 reads every job of the multirun (``<job>/.hydra/overrides.yaml`` and the ``summary.json`` each stage
-writes, see distill/wandb_run.py), prints one table of every run's overrides and final metrics sorted by
-the metric, and writes ``sweep_report.md``, ``sweep_report.json`` and ``sweep_report.png`` (the metric
+writes, see distill/tracking/summary.py), prints one table of every run's overrides and final metrics sorted
+by the metric, and writes ``sweep_report.md``, ``sweep_report.json`` and ``sweep_report.png`` (the metric
 against the swept parameter) into the multirun directory. ``--wandb`` also logs the table and the plot
 as a run of the sweep's wandb group.
 
-:class:`SweepCallback` (``hydra.callbacks.sweep`` in the apps' configs) checks a submitit launcher
-against the trainer before any job is submitted, sets up torch.distributed for multi-task local jobs,
-and writes the report when a multirun ends.
+The Hydra callback that writes this report when a multirun ends (and keeps cluster sweeps consistent) is
+:class:`distill.sweep_callback.SweepCallback`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-
 from distill.errors import ConfigError, exit_on_config_error
-
-log = logging.getLogger(__name__)
 
 REPORT = "sweep_report"
 # Metric columns of the report, in this order, when any run has them.
@@ -232,7 +225,7 @@ def log_sweep_to_wandb(sweep_dir: Path, report: dict[str, Any]) -> None:
     """The sweep table and plot as a ``sweep_report`` run in the sweep's wandb group (offline by default)."""
     from omegaconf import OmegaConf
 
-    from distill.wandb_run import log_report
+    from distill.tracking import log_report
 
     sweep_dir = Path(sweep_dir)
     runs: list[Run] = report["runs"]
@@ -246,63 +239,6 @@ def log_sweep_to_wandb(sweep_dir: Path, report: dict[str, Any]) -> None:
     log_report(lcfg, sweep_dir, job_type="sweep_report", name="sweep_report",
                table=(["job", "stage", "status", *keys, *metrics], rows), images={"plot": report["png"]},
                summary={"best_job": best.job, "best_val_loss": best.get("val_loss"), "jobs": len({r.job for r in runs})})
-
-
-class SweepCallback(Callback):
-    """Hydra callback of the apps (``hydra.callbacks.sweep``); harmless outside submitit sweeps."""
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        # Hydra turns a callback's exception into a warning; a SystemExit stops the sweep before any job.
-        exit_on_config_error(check_launcher)(config)
-
-    def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        export_local_task_env()
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        try:
-            report = write_sweep_report(sweep_dir)
-            log.info("sweep report: %s", report["md"])
-        except Exception as err:  # a report must never turn a finished sweep into a failure
-            log.warning("no sweep report for %s: %s", sweep_dir, err)
-
-
-def check_launcher(cfg: Any) -> None:
-    """A submitit launcher starts one task per device and requeues jobs: check both against the config."""
-    launcher = cfg.hydra.launcher
-    target = str(launcher.get("_target_", ""))
-    if "submitit" not in target:
-        return
-    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
-    if not isinstance(devices, int) or devices < 1:
-        raise ConfigError("trainer.devices", f"a submitit job starts one task per device, got devices={devices!r}.",
-                          "set trainer.devices to the number of GPUs (or CPU processes) per node.")
-    if launcher.tasks_per_node != devices:
-        raise ConfigError(
-            "hydra.launcher.tasks_per_node",
-            f"{launcher.tasks_per_node} tasks per node but trainer.devices={devices}: Lightning takes its ranks from "
-            "the launcher's tasks and needs one task per device.",
-            "leave hydra.launcher.tasks_per_node at its default ${trainer.devices}.")
-    if launcher.nodes != nodes:
-        raise ConfigError("hydra.launcher.nodes", f"{launcher.nodes} nodes but trainer.num_nodes={nodes}.",
-                          "leave hydra.launcher.nodes at its default ${trainer.num_nodes}.")
-    gpus = launcher.get("gpus_per_node")
-    if gpus and cfg.trainer.accelerator != "cpu" and gpus != devices:
-        raise ConfigError("hydra.launcher.gpus_per_node", f"{gpus} GPUs per node but trainer.devices={devices}.",
-                          "leave hydra.launcher.gpus_per_node at its default ${trainer.devices}.")
-    requeues = target.endswith("SlurmLauncher") or int(launcher.get("max_num_timeout", 0)) > 0
-    if requeues and cfg.get("resume") != "auto":
-        raise ConfigError("resume", f"jobs of this launcher may be requeued, but resume={cfg.get('resume')}: a "
-                          "requeued job would start again from step 0.", "set resume=auto.")
-
-
-def export_local_task_env() -> None:
-    """In a multi-task ``submitit_local`` job, give each task its torch.distributed rank (SLURM gives its own)."""
-    if "SUBMITIT_LOCAL_JOB_ID" in os.environ and int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1 \
-            and "RANK" not in os.environ:
-        from submitit.helpers import TorchDistributedEnvironment
-
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 @exit_on_config_error

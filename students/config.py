@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from distill.errors import ConfigError
+
+INITS = ("scratch", "teacher")
+
 
 @dataclass
 class StudentConfig:
@@ -18,3 +22,9 @@ class StudentConfig:
     init: str = "scratch"
     # init=teacher: the teacher block index for each student block; None = keep the deepest blocks.
     teacher_layers: Optional[List[int]] = None
+
+    def validate(self) -> StudentConfig:
+        """The values no derivation checks (depth and expert counts are checked by `derive_student`)."""
+        if self.init not in INITS:
+            raise ConfigError("student.init", f"unknown value {self.init!r}.", f"use one of {', '.join(INITS)}.")
+        return self

@@ -1,9 +1,10 @@
-"""Teachers from Hugging Face: a local or hub causal-LM checkpoint run through `transformers`, frozen.
+"""Teachers from Hugging Face (``teacher=hf``): a local or hub causal-LM checkpoint run through
+`transformers`, frozen.
 
     python -m distill.distill teacher=hf teacher.path=<save_pretrained dir or hub id> ...
 
-The teacher's own tokenizer becomes the data's tokenizer (`use_teacher_tokenizer`); its architecture,
-converted to our ModelConfig (students/hf.py), is what the Mixture-of-Students is derived from. The
+The teacher's own tokenizer becomes the data's tokenizer (`HFTeacher.data_tokenizer`); its architecture,
+converted to our ModelConfig (distill/interop), is what the Mixture-of-Students is derived from. The
 teacher runs in the dtype the trainer's precision implies (bf16 / fp16 / fp32), in eval mode, with no
 gradients; DistillModule calls it under inference mode and trims padding-only vocabulary entries.
 """
@@ -13,19 +14,20 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from functools import partial
+from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
+from distill.data.config import TokenizerConfig
 from distill.errors import ConfigError
 from distill.export import file_sha256
+from distill.interop import gpt_from_hf, model_config_from_hf, teacher_gpt_for_student
 from distill.models import GPT, ModelConfig
-from students.hf import gpt_from_hf, model_config_from_hf, teacher_gpt_for_student
+from teachers.base import KEY, TeacherRef, TeacherSource, safetensors_shapes
 
-KEY = "teacher.path"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -58,12 +60,6 @@ def has_tokenizer(directory: Path) -> bool:
     return any((directory / f).is_file() for f in TOKENIZER_FILES)
 
 
-def teacher_dtype(precision: str) -> torch.dtype:
-    """The teacher's dtype for a Lightning precision: bf16-* -> bfloat16, 16-* -> float16, else float32."""
-    p = str(precision)
-    return torch.bfloat16 if p.startswith("bf16") else torch.float16 if p.startswith("16") else torch.float32
-
-
 def _content_digest(f: Path) -> str:
     """A file's sha256; a hub-cache symlink names its blob by that sha256 already (no re-hashing)."""
     if f.is_symlink():
@@ -82,19 +78,7 @@ def hf_teacher_ref(directory: Path) -> dict[str, str]:
     return {"path": str(directory), "sha256": h.hexdigest()}
 
 
-def read_hf_teacher_config(path: str | os.PathLike, key: str = KEY) -> ModelConfig:
-    """The teacher's architecture as our ModelConfig (ConfigError for a family a student cannot mirror)."""
-    from transformers import AutoConfig
-
-    local = resolve_hf_path(path, key)
-    try:
-        hf_cfg = AutoConfig.from_pretrained(str(local), local_files_only=True)
-    except Exception as err:  # unknown model_type, malformed json
-        raise ConfigError(key, f"cannot read the config of '{local}': {err}") from err
-    return model_config_from_hf(hf_cfg, name=local.name, key=key)
-
-
-class HFTeacher(torch.nn.Module):
+class HFCausalLM(torch.nn.Module):
     """A transformers causal LM behind the interface DistillModule uses: ``teacher(idx).logits``."""
 
     def __init__(self, hf_model: torch.nn.Module):
@@ -104,68 +88,72 @@ class HFTeacher(torch.nn.Module):
     def forward(self, idx: torch.Tensor) -> Any:
         return self.hf(input_ids=idx, use_cache=False)
 
-    def as_gpt(self, student: ModelConfig) -> GPT:
-        """This teacher in our layout, shaped for `student` to be initialised from (students/hf.py)."""
-        return teacher_gpt_for_student(self.hf, student)
 
+class HFTeacher(TeacherSource):
+    """A `save_pretrained` directory or a hub model id of a supported family (Mixtral, Qwen2-MoE)."""
 
-def load_hf_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32, key: str = KEY) -> HFTeacher:
-    """Load the teacher frozen: eval mode, no gradients."""
-    from transformers import AutoModelForCausalLM
+    def __init__(self, path: str | os.PathLike | None):
+        super().__init__(path)
+        self.dir = resolve_hf_path(path)  # type: ignore[arg-type]
 
-    local = resolve_hf_path(path, key)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype, local_files_only=True)
-    except Exception as err:
-        raise ConfigError(key, f"transformers cannot load a causal LM from '{local}': {err}") from err
-    return HFTeacher(model).eval().requires_grad_(False)
+    def read_architecture(self) -> ModelConfig:
+        from transformers import AutoConfig
 
+        try:
+            hf_cfg = AutoConfig.from_pretrained(str(self.dir), local_files_only=True)
+        except Exception as err:  # unknown model_type, malformed json
+            raise ConfigError(KEY, f"cannot read the config of '{self.dir}': {err}") from err
+        return model_config_from_hf(hf_cfg, name=self.dir.name, key=KEY)
 
-def hf_teacher_source(cfg: Any) -> tuple[ModelConfig, Any, dict[str, str]]:
-    """`distill.distill.teacher_source` for `teacher.kind=hf`: (architecture, loader, {path, sha256})."""
-    local = resolve_hf_path(cfg.teacher.path)
-    teacher_cfg = read_hf_teacher_config(local)
-    loader = partial(load_hf_teacher, local, teacher_dtype(cfg.trainer.precision))
-    return teacher_cfg, loader, hf_teacher_ref(local)
+    @cached_property
+    def _identity(self) -> TeacherRef:
+        return TeacherRef(**hf_teacher_ref(self.dir))
 
+    def identity(self) -> TeacherRef:
+        return self._identity
 
-def use_teacher_tokenizer(cfg: Any) -> Any:
-    """With `teacher.kind=hf`, a copy of `cfg` whose data tokenizer is the teacher's; else `cfg` itself.
+    def verify(self) -> None:
+        """Every safetensors file has a complete header (.bin files are checked when transformers loads them)."""
+        for file in sorted(self.dir.glob("*.safetensors")):
+            safetensors_shapes(file)
 
-    An explicitly configured pretrained tokenizer is kept if its vocabulary is the teacher's; one that
-    differs is a ConfigError naming `data.tokenizer.path`.
-    """
-    if cfg.teacher.kind != "hf":
-        return cfg
-    if cfg.teacher.path is None:
-        raise ConfigError(KEY, "teacher.kind=hf needs a checkpoint.", "set teacher.path=<local dir or hub id>.")
-    from distill.data.tokenizer import load_pretrained
+    def data_tokenizer(self, configured: TokenizerConfig) -> TokenizerConfig:
+        """The teacher's own tokenizer. An explicitly configured pretrained tokenizer is kept if its vocabulary
+        is the teacher's; one that differs is a ConfigError naming `data.tokenizer.path`."""
+        from distill.data.tokenizer import load_pretrained
 
-    local = resolve_hf_path(cfg.teacher.path)
-    tok = cfg.data.tokenizer
-    if tok.kind == "pretrained" and tok.path:
-        given = Path(tok.path).expanduser().resolve()
-        if given != local and has_tokenizer(local):
-            theirs = load_pretrained(tok).backend.get_vocab(with_added_tokens=True)
-            mine = load_pretrained(OmegaConf.create({"path": str(local), "eos_token": None}))
-            if theirs != mine.backend.get_vocab(with_added_tokens=True):
-                raise ConfigError(
-                    "data.tokenizer.path",
-                    f"{given} is not the teacher's tokenizer ({local}): their vocabularies differ.",
-                    "leave data.tokenizer unset with teacher=hf (the teacher's own is used).",
-                )
-        return cfg
-    if not has_tokenizer(local):
-        raise ConfigError(
-            "data.tokenizer.path", f"the teacher at {local} has no tokenizer files {list(TOKENIZER_FILES)}.",
-            "set data.tokenizer.kind=pretrained data.tokenizer.path=<the teacher's tokenizer>.",
-        )
-    cfg = cfg.copy()
-    OmegaConf.update(cfg, "data.tokenizer.kind", "pretrained")
-    OmegaConf.update(cfg, "data.tokenizer.path", str(local))
-    return cfg
+        local = self.dir
+        if configured.kind == "pretrained" and configured.path:
+            given = Path(configured.path).expanduser().resolve()
+            if given != local and has_tokenizer(local):
+                theirs = load_pretrained(configured).backend.get_vocab(with_added_tokens=True)
+                mine = load_pretrained(TokenizerConfig(kind="pretrained", path=str(local)))
+                if theirs != mine.backend.get_vocab(with_added_tokens=True):
+                    raise ConfigError(
+                        "data.tokenizer.path",
+                        f"{given} is not the teacher's tokenizer ({local}): their vocabularies differ.",
+                        "leave data.tokenizer unset with teacher=hf (the teacher's own is used).",
+                    )
+            return configured
+        if not has_tokenizer(local):
+            raise ConfigError(
+                "data.tokenizer.path", f"the teacher at {local} has no tokenizer files {list(TOKENIZER_FILES)}.",
+                "set data.tokenizer.kind=pretrained data.tokenizer.path=<the teacher's tokenizer>.",
+            )
+        return replace(configured, kind="pretrained", path=str(local))
 
+    def load(self, dtype: torch.dtype = torch.float32) -> HFCausalLM:
+        from transformers import AutoModelForCausalLM
 
-def load_hf_teacher_as_gpt(path: str | os.PathLike, key: str = KEY) -> GPT:
-    """The whole teacher converted to our GPT (e.g. to time generation the way the students are timed)."""
-    return gpt_from_hf(load_hf_teacher(path, key=key).hf)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(self.dir), dtype=dtype, local_files_only=True)
+        except Exception as err:
+            raise ConfigError(KEY, f"transformers cannot load a causal LM from '{self.dir}': {err}") from err
+        return HFCausalLM(model).eval().requires_grad_(False)
+
+    def student_init_model(self, student: ModelConfig) -> GPT:
+        """Converted to our layout and shaped like the student (distill/interop)."""
+        return teacher_gpt_for_student(self.load().hf, student)
+
+    def as_gpt(self) -> GPT:
+        return gpt_from_hf(self.load().hf)

@@ -1,65 +1,111 @@
-"""Teachers trained by this project: an export directory or a Lightning checkpoint of `LMModule`."""
+"""Teachers trained by this project: an export directory (``teacher=native``) or a Lightning checkpoint of
+`LMModule` (``teacher=checkpoint``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from distill.errors import ConfigError
-from distill.export import WEIGHTS, file_sha256, is_export_dir, load_exported
-from distill.models import GPT, ModelConfig, load_model_config
+from distill.export import CONFIG, TOKENIZER, WEIGHTS, file_sha256
+from distill.models import GPT, ModelConfig
+from teachers.base import KEY, TeacherRef, TeacherSource, check_state_shapes, safetensors_shapes
+
+FIX = "point it at the `export/` directory written by `python -m distill.pretrain` (or an intact copy)."
 
 
-@dataclass(frozen=True)
-class TeacherRef:
-    """Which teacher: its path and the sha256 of its weights file (what a student checkpoint records)."""
-
-    path: str
-    sha256: str
-
-
-def teacher_weights_file(path: str | Path, key: str = "teacher.path") -> Path:
-    p = Path(path).expanduser()
-    if is_export_dir(p):
-        return p / WEIGHTS
-    if p.is_file() and p.suffix == ".ckpt":
-        return p
-    raise ConfigError(
-        key,
-        f"no teacher at '{p}' (expected an export directory with {WEIGHTS} + config.json, or a .ckpt file).",
-        "point it at the `export/` directory (or a checkpoint) written by `python -m distill.pretrain`.",
-    )
+def _model_config(entry: Any, where: str) -> ModelConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(KEY, f"{where} has no `model` entry (the teacher's architecture).", FIX)
+    try:
+        return ModelConfig.from_dict(entry)
+    except ConfigError as err:
+        raise ConfigError(KEY, f"{where}: the model config is invalid ({err.key}: {err.problem})", FIX) from None
 
 
-def teacher_ref(path: str | Path, key: str = "teacher.path") -> TeacherRef:
-    f = teacher_weights_file(path, key)
-    return TeacherRef(path=str(Path(path).expanduser().resolve()), sha256=file_sha256(f))
+class ExportTeacher(TeacherSource):
+    """An export directory: ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``)."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        super().__init__(path)
+        self.dir = Path(path).expanduser()  # type: ignore[arg-type]
+        if not ((self.dir / WEIGHTS).is_file() and (self.dir / CONFIG).is_file()):
+            hint = " For a Lightning checkpoint use teacher=checkpoint." if self.dir.suffix == ".ckpt" else ""
+            raise ConfigError(KEY, f"no teacher at '{self.dir}' (expected an export directory with {WEIGHTS} + "
+                              f"{CONFIG}).{hint}", FIX)
+
+    def read_architecture(self) -> ModelConfig:
+        file = self.dir / CONFIG
+        try:
+            payload = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ConfigError(KEY, f"{file} is not valid JSON ({err}).", FIX) from None
+        return _model_config(payload.get("model") if isinstance(payload, dict) else None, str(file))
+
+    @cached_property
+    def _identity(self) -> TeacherRef:
+        return TeacherRef(path=str(self.dir.resolve()), sha256=file_sha256(self.dir / WEIGHTS))
+
+    def identity(self) -> TeacherRef:
+        return self._identity
+
+    def verify(self) -> None:
+        file = self.dir / WEIGHTS
+        check_state_shapes(safetensors_shapes(file), self.architecture(), str(file))
+
+    def tokenizer_file(self) -> Path | None:
+        return self.dir / TOKENIZER
+
+    def load(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        from safetensors.torch import load_model
+
+        model = GPT(self.architecture())
+        load_model(model, str(self.dir / WEIGHTS))
+        return model.to(dtype).eval().requires_grad_(False)
 
 
-def load_native_teacher(path: str | Path, key: str = "teacher.path") -> tuple[torch.nn.Module, ModelConfig]:
-    """Load the teacher frozen: eval mode, no gradients."""
-    f = teacher_weights_file(path, key)
-    if f.suffix == ".ckpt":
-        ckpt = torch.load(f, map_location="cpu", weights_only=True)
-        cfg = load_model_config(ckpt["hyper_parameters"]["model_cfg"])
-        model = GPT(cfg)
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(state)
-    else:
-        model, cfg = load_exported(f.parent, key)
-    model.eval().requires_grad_(False)
-    return model, cfg
+class CheckpointTeacher(TeacherSource):
+    """A Lightning checkpoint (``.ckpt``) of `LMModule`: the model config in its hyper-parameters."""
 
+    def __init__(self, path: str | os.PathLike | None):
+        super().__init__(path)
+        self.file = Path(path).expanduser()  # type: ignore[arg-type]
+        if not self.file.is_file():
+            raise ConfigError(KEY, f"no checkpoint at '{self.file}'.",
+                              "point it at a .ckpt written by python -m distill.pretrain (<run dir>/checkpoints).")
 
-def read_native_teacher_config(path: str | Path, key: str = "teacher.path") -> ModelConfig:
-    """The teacher's architecture without loading its weights (an export dir's config.json)."""
-    f = teacher_weights_file(path, key)
-    if f.suffix == ".ckpt":
-        return load_model_config(torch.load(f, map_location="meta", weights_only=True)["hyper_parameters"]["model_cfg"])
-    import json
+    @cached_property
+    def _checkpoint(self) -> dict[str, Any]:
+        """The checkpoint, memory-mapped (tensors are read when used)."""
+        try:
+            ckpt = torch.load(self.file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises many types for a damaged archive or pickle
+            raise ConfigError(KEY, f"{self.file} cannot be read as a checkpoint ({str(err).splitlines()[0]}).",
+                              "point it at an intact .ckpt (python -m distill.pretrain writes <run dir>/checkpoints).") from None
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise ConfigError(KEY, f"{self.file} holds no weights (no `state_dict`).", "point it at a training checkpoint.")
+        return ckpt
 
-    from distill.export import CONFIG
+    def read_architecture(self) -> ModelConfig:
+        hparams = self._checkpoint.get("hyper_parameters") or {}
+        return _model_config(hparams.get("model_cfg"), f"{self.file} (hyper_parameters.model_cfg)")
 
-    return load_model_config(json.loads((f.parent / CONFIG).read_text())["model"])
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("model."): v for k, v in self._checkpoint["state_dict"].items() if k.startswith("model.")}
+
+    def identity(self) -> TeacherRef:
+        return TeacherRef(path=str(self.file.resolve()), sha256=file_sha256(self.file))
+
+    def verify(self) -> None:
+        found = {k: tuple(v.shape) for k, v in self._weights().items()}
+        check_state_shapes(found, self.architecture(), str(self.file))
+
+    def load(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        model = GPT(self.architecture())
+        model.load_state_dict(self._weights())
+        return model.to(dtype).eval().requires_grad_(False)

@@ -27,11 +27,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from distill.config import OptimConfig
-from distill.kd import KDConfig
+from distill.kd import KDConfig, KDSchedule
 from distill.models import GPT, ModelConfig
-from distill.modules import DistillModule, LMModule
 from distill.moe import MoEConfig
 from distill.parallel import ExpertParallelStrategy
+from distill.train.distill_module import DistillModule
+from distill.train.lm_module import LMModule
 
 SEQ, VOCAB, BATCH, MAX_STEPS = 16, 64, 2, 4
 MOE = MoEConfig(top_k=1, residual=True, capacity_factor=1.0, min_capacity=2, aux_free_bias=True)
@@ -99,7 +100,7 @@ def main(out: Path) -> None:
     res["D"] = fit(lm(seed=5), 2, None, out / "B" / "step2.ckpt", world)
     for name, ep in (("E", 2), ("F", 1)):
         torch.manual_seed(0)
-        module = DistillModule(STUDENT, OPTIM, MAX_STEPS, KDConfig(), teacher_loader=teacher)
+        module = DistillModule(STUDENT, OPTIM, KDSchedule(KDConfig(), MAX_STEPS), teacher_loader=teacher)
         res[name] = fit(module, ep, None, None, world)
         res[f"{name}_teacher_experts"] = [list(layer.experts.w_in.shape) for layer in module.teacher.moe_layers]
         res[f"{name}_teacher_calls"] = module.teacher_calls

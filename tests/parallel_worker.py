@@ -24,13 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distill.models import GPT, ModelConfig, lm_loss
 from distill.moe import MoEConfig
-from distill.parallel import (
-    ExpertGroups,
-    clip_grad_norm_expert_parallel,
+from distill.parallel.grads import clip_grad_norm_expert_parallel, reduce_expert_grads
+from distill.parallel.groups import ExpertGroups
+from distill.parallel.shard import (
     consolidate_optimizer_state,
     consolidate_state_dict,
     ddp_ignore_experts,
-    reduce_expert_grads,
     shard_experts,
     slice_optimizer_state,
     unshard_experts,

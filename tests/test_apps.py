@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distill.export import load_exported
-from teachers.native import load_native_teacher
+from teachers.native import CheckpointTeacher
 
 TINY_DATA = ["data.max_documents=60", "data.seq_len=32", "data.tokenizer.vocab_size=384", "data.batch_size=8"]
 TINY_MODEL = ["model.d_model=32", "model.n_heads=2", "model.max_seq_len=32"]
@@ -43,7 +43,8 @@ def test_pretrain_writes_checkpoints_export_and_offline_wandb(pretrained: Path):
 
 
 def test_checkpoint_export_reload_identical_logits(pretrained: Path):
-    from_ckpt, cfg = load_native_teacher(pretrained / "checkpoints" / "last.ckpt")
+    source = CheckpointTeacher(pretrained / "checkpoints" / "last.ckpt")
+    from_ckpt, cfg = source.load(), source.architecture()
     from_export, cfg2 = load_exported(pretrained / "export")
     assert cfg == cfg2
     idx = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -112,3 +113,54 @@ def test_bad_input_exits_nonzero_naming_the_key(app, overrides, key, tmp_path):
 def test_unknown_key_rejected_by_schema(tmp_path):
     proc = run_app("pretrain", "model.d_modle=64", f"hydra.run.dir={tmp_path}", ok=False)
     assert proc.returncode == 2 and "`model.d_modle`" in proc.stderr and "model.d_model" in proc.stderr
+
+
+COUNTING_DRIVER = """
+import atexit, json, runpy, sys
+from distill.kd import KDSchedule
+from distill.models import ModelConfig
+from distill.moe import MoEConfig
+
+calls = {"model_validate": [], "moe_validate": 0, "kd_schedule": 0}
+model_validate, moe_validate, schedule_init = ModelConfig.validate, MoEConfig.validate, KDSchedule.__init__
+
+def counted_model_validate(self):
+    calls["model_validate"].append(self.name)
+    return model_validate(self)
+
+def counted_moe_validate(self, *args, **kwargs):
+    calls["moe_validate"] += 1
+    return moe_validate(self, *args, **kwargs)
+
+def counted_schedule_init(self, *args, **kwargs):
+    calls["kd_schedule"] += 1
+    schedule_init(self, *args, **kwargs)
+
+ModelConfig.validate, MoEConfig.validate, KDSchedule.__init__ = (
+    counted_model_validate, counted_moe_validate, counted_schedule_init)
+out, app = sys.argv[1], sys.argv[2]
+atexit.register(lambda: open(out, "w").write(json.dumps(calls)))
+sys.argv = [app, *sys.argv[3:]]
+runpy.run_module(app, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("app", ["pretrain", "distill"])
+def test_the_run_description_is_built_once_per_run(app: str, pretrained: Path, tmp_path: Path):
+    """A real app run (the module run as __main__, with counters around the checks): each model config is
+    validated once, each MoE config once with it, and the KD schedule is built once."""
+    overrides = [*TINY_DATA, "trainer=smoke", "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    if app == "pretrain":
+        overrides += TINY_MODEL
+    else:
+        overrides += [f"teacher.path={pretrained / 'export'}", "student.n_layers=2"]
+    counts = tmp_path / "counts.json"
+    proc = subprocess.run([sys.executable, "-c", COUNTING_DRIVER, str(counts), f"distill.{app}", *overrides],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+    calls = json.loads(counts.read_text())
+    if app == "pretrain":
+        assert calls == {"model_validate": ["tiny"], "moe_validate": 1, "kd_schedule": 0}, calls
+    else:  # the teacher's architecture (read from its export) and the student derived from it
+        assert calls == {"model_validate": ["tiny", "tiny-mos2"], "moe_validate": 2, "kd_schedule": 1}, calls

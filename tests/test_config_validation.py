@@ -17,13 +17,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer
 
-from distill.config import register_configs
+from distill.config import SCHEMAS, register_configs
 from distill.data.config import EOS_TOKEN
 from distill.data.tokenizer import TextTokenizer, byte_tokenizer
-from distill.errors import ConfigError
+from distill.errors import ConfigError, with_fix
 from distill.export import export_model
-from distill.models import GPT, load_model_config
-from distill.validation import SCHEMAS, check_teacher_vocab, config_error_from_hydra, validate_config
+from distill.hydra_errors import config_error_from_hydra
+from distill.models import GPT, ModelConfig
+from distill.resolve import resolve
+from teachers.native import ExportTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -32,15 +34,16 @@ register_configs()
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-layer teacher export with MoE layers of 4 and 8 experts."""
-    cfg = load_model_config(dict(name="t", vocab_size=300, d_model=32, n_layers=4, n_heads=2, max_seq_len=16,
-                                 num_experts=[4, 8], moe=dict(top_k=1, residual=True)))
+    cfg = ModelConfig.from_dict(dict(name="t", vocab_size=300, d_model=32, n_layers=4, n_heads=2, max_seq_len=16,
+                                 num_experts=[4, 8], moe=dict(top_k=1, residual=True))).validate()
     torch.manual_seed(0)
     return export_model(GPT(cfg), cfg, tmp_path_factory.mktemp("teacher") / "export")
 
 
 def composed(app: str, overrides: list[str]):
+    """The config a run of ``app`` composes (its out_dir, a Hydra run-time value, set by hand)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name=app, overrides=overrides)
+        return compose(config_name=app, overrides=["out_dir=/nonexistent/out", *overrides])
 
 
 def config_error(app: str, overrides: list[str]) -> ConfigError:
@@ -50,8 +53,8 @@ def config_error(app: str, overrides: list[str]) -> ConfigError:
     except Exception as err:
         return config_error_from_hydra(err, SCHEMAS[app])
     with pytest.raises(ConfigError) as caught:
-        validate_config(cfg, app)
-    return caught.value
+        resolve(cfg, app)
+    return with_fix(caught.value)  # as run_app reports it
 
 
 EP4 = ["strategy=expert_parallel", "trainer.devices=4"]
@@ -85,9 +88,11 @@ BAD = [
     ("pretrain", ["resume=/nonexistent/last.ckpt"], "resume", "use resume=auto"),
     ("pretrain", ["data.val_fraction=1.5"], "data.val_fraction", "must leave documents to train on"),
     ("pretrain", ["data.tokenizer.kind=words"], "data.tokenizer.kind", "use bpe, bytes or pretrained"),
-    ("distill", ["teacher.path=null"], "teacher.path", "set teacher.path=<export dir or .ckpt>"),
+    ("distill", ["teacher.path=null"], "teacher.path", "set teacher.path=<export dir>"),
     ("distill", ["teacher.path=/nonexistent/export"], "teacher.path", "point it at the `export/` directory"),
-    ("distill", ["teacher.kind=onnx"], "teacher.kind", "use teacher=native"),
+    ("distill", ["teacher=onnx"], "teacher", "use one of: checkpoint, hf, native"),
+    ("distill", ["teacher._target_=distill.nowhere.Teacher"], "teacher._target_", "select one of conf/teacher/"),
+    ("distill", ["teacher._target_=distill.models.GPT"], "teacher._target_", "select one of conf/teacher/"),
     ("distill", ["student.n_layers=9"], "student.n_layers", "set student.n_layers between 1 and 4"),
     ("distill", ["student.depth_ratio=1.5"], "student.depth_ratio", "e.g. student.depth_ratio=0.875"),
     ("distill", ["student.num_experts=[4,8,8]"], "student.num_experts", "give 1 expert counts"),
@@ -128,7 +133,8 @@ def test_good_configs_pass(app: str, overrides: list[str], teacher: Path):
     overrides = [o.replace("{teacher}", str(teacher)) for o in overrides]
     if app == "distill":
         overrides = [f"teacher.path={teacher}", *overrides]
-    validate_config(composed(app, overrides), app)
+    spec = resolve(composed(app, overrides), app)
+    assert spec.app == app and spec.trainer.max_steps >= 1
 
 
 def swapped(backend: Tokenizer, a: str, b: str) -> Tokenizer:
@@ -141,22 +147,23 @@ def swapped(backend: Tokenizer, a: str, b: str) -> Tokenizer:
 
 def test_teacher_and_data_vocabularies_must_match(tmp_path: Path) -> None:
     ours = TextTokenizer(byte_tokenizer(), EOS_TOKEN, "bytes")
-    cfg = load_model_config(dict(name="t", vocab_size=ours.vocab_size, d_model=16, n_layers=2, n_heads=2,
-                                 max_seq_len=8, num_experts=[2]))
+    cfg = ModelConfig.from_dict(dict(name="t", vocab_size=ours.vocab_size, d_model=16, n_layers=2, n_heads=2,
+                                 max_seq_len=8, num_experts=[2])).validate()
     same = export_model(GPT(cfg), cfg, tmp_path / "same", tokenizer=ours)
-    check_teacher_vocab(same, cfg, ours)  # identical: fine
+    ExportTeacher(same).check_vocab(ours)  # identical: fine
 
     other = TextTokenizer(swapped(byte_tokenizer(), "a", "b"), EOS_TOKEN, "bytes")
     differs = export_model(GPT(cfg), cfg, tmp_path / "differs", tokenizer=other)
     with pytest.raises(ConfigError) as err:
-        check_teacher_vocab(differs, cfg, ours)
+        ExportTeacher(differs).check_vocab(ours)
     assert err.value.key == "data.tokenizer" and "about 2 token ids differ" in str(err.value)
     assert f"data.tokenizer.path={differs / 'tokenizer.json'}" in err.value.fix
 
-    small = load_model_config(dict(name="t", vocab_size=200, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
-                                   num_experts=[2]))
+    small = ModelConfig.from_dict(dict(name="t", vocab_size=200, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
+                                   num_experts=[2])).validate()
+    no_tokenizer = export_model(GPT(small), small, tmp_path / "small")
     with pytest.raises(ConfigError) as err:
-        check_teacher_vocab(tmp_path / "no-export", small, ours)
+        ExportTeacher(no_tokenizer).check_vocab(ours)
     assert err.value.key == "data.tokenizer" and "smaller" in str(err.value) and err.value.fix
 
 

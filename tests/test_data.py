@@ -409,7 +409,7 @@ def test_unknown_hub_dataset_is_a_config_error(tmp_path: Path) -> None:
 )
 def test_config_checks_name_the_key(tmp_path: Path, overrides: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
-        LMDataModule(text_cfg(tmp_path, **overrides))
+        text_cfg(tmp_path, **overrides).validate()
     assert err.value.key == key
 
 
@@ -467,12 +467,11 @@ def test_distributed_sampling_covers_without_overlap(tmp_path: Path) -> None:
 def test_conf_data_yaml_matches_schema(name: str) -> None:
     from omegaconf import OmegaConf
 
-    from distill.data.config import to_data_config, validate
-
     path = Path(__file__).resolve().parents[1] / "conf" / "data" / f"{name}.yaml"
     node = OmegaConf.load(path)
     assert "defaults" not in node
-    cfg = to_data_config(OmegaConf.merge(OmegaConf.structured(DataConfig), node))  # unknown keys fail here
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))  # unknown keys fail here
+    assert isinstance(cfg, DataConfig) and isinstance(cfg.tokenizer, TokenizerConfig)
     if name == "local_text":
         cfg.data_files = "corpus.txt"
-    validate(cfg)
+    assert cfg.validate() is cfg

@@ -14,12 +14,12 @@ from torch.utils.data import DataLoader, Dataset
 from distill.config import OptimConfig
 from distill.errors import ConfigError
 from distill.export import export_model
-from distill.kd import KDConfig
-from distill.models import GPT, load_model_config
-from distill.modules import DistillModule
+from distill.kd import KDConfig, KDSchedule
+from distill.models import GPT, ModelConfig
+from distill.train.distill_module import DistillModule
 from students.config import StudentConfig
 from students.mos import derive_student
-from teachers.native import load_native_teacher, teacher_ref
+from teachers.native import ExportTeacher
 
 V, L_SEQ = 61, 16
 
@@ -42,8 +42,8 @@ def loader() -> DataLoader:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_model_config(dict(name="t", vocab_size=V, d_model=32, n_layers=4, n_heads=2, max_seq_len=L_SEQ,
-                                 num_experts=[2, 4], moe=dict(top_k=1, residual=True)))
+    cfg = ModelConfig.from_dict(dict(name="t", vocab_size=V, d_model=32, n_layers=4, n_heads=2, max_seq_len=L_SEQ,
+                                 num_experts=[2, 4], moe=dict(top_k=1, residual=True))).validate()
     torch.manual_seed(0)
     return export_model(GPT(cfg), cfg, tmp_path_factory.mktemp("teacher") / "export")
 
@@ -56,7 +56,7 @@ class CountingLoader:
 
     def __call__(self) -> torch.nn.Module:
         self.loads += 1
-        model, _ = load_native_teacher(self.path)
+        model = ExportTeacher(self.path).load()
         model.register_forward_hook(self._hook)
         self.ref = weakref.ref(model)
         return model
@@ -68,12 +68,11 @@ class CountingLoader:
 
 
 def make_module(teacher_dir: Path, stop_step: int | None, max_steps: int, teacher_loader=None) -> DistillModule:
-    teacher_cfg = load_native_teacher(teacher_dir)[1]
-    student_cfg = derive_student(teacher_cfg, StudentConfig(n_layers=2))
-    ref = teacher_ref(teacher_dir)
-    return DistillModule(student_cfg, OptimConfig(warmup_steps=1), max_steps, KDConfig(stop_step=stop_step),
+    source = ExportTeacher(teacher_dir)
+    student_cfg = derive_student(source.architecture(), StudentConfig(n_layers=2))
+    return DistillModule(student_cfg, OptimConfig(warmup_steps=1), KDSchedule(KDConfig(stop_step=stop_step), max_steps),
                          teacher_loader=teacher_loader or CountingLoader(teacher_dir),
-                         teacher={"path": ref.path, "sha256": ref.sha256})
+                         teacher=source.identity().as_dict())
 
 
 def trainer(tmp_path: Path, max_steps: int, **kw) -> L.Trainer:
@@ -95,7 +94,7 @@ def test_teacher_frozen_not_in_optimizer_or_checkpoint(teacher_dir, tmp_path):
     t.save_checkpoint(tmp_path / "c.ckpt")
     ckpt = torch.load(tmp_path / "c.ckpt", weights_only=False)
     assert set(ckpt["state_dict"]) == {k for k in module.state_dict()}
-    assert ckpt["distill"]["teacher"]["sha256"] == teacher_ref(teacher_dir).sha256
+    assert ckpt["distill"]["teacher"]["sha256"] == ExportTeacher(teacher_dir).identity().sha256
 
 
 def test_teacher_logits_usable_in_student_backward(teacher_dir):
@@ -151,3 +150,18 @@ def test_resume_with_another_teacher_fails_clearly(teacher_dir, tmp_path):
     with pytest.raises(ConfigError) as err:
         trainer(tmp_path, 2).fit(other, train_dataloaders=loader(), ckpt_path=str(tmp_path / "c.ckpt"))
     assert err.value.key == "teacher.path"
+
+
+def test_kd_never_runs_has_one_representation(teacher_dir, tmp_path):
+    """A schedule whose stop step is 0 never runs KD: no teacher is needed, and a given loader is never called."""
+    def forbidden() -> torch.nn.Module:
+        raise AssertionError("kd=none must not load the teacher")
+
+    module = make_module(teacher_dir, stop_step=0, max_steps=2, teacher_loader=forbidden)
+    assert not module.schedule.uses_teacher and module.teacher_loader is None
+    trainer(tmp_path, 2).fit(module, train_dataloaders=loader())
+    assert module.teacher_calls == 0 and module.teacher is None
+    student = module.model_cfg
+    DistillModule(student, OptimConfig(), KDSchedule(KDConfig(stop_step=0), 2))  # no loader needed
+    with pytest.raises(ValueError, match="needs a teacher_loader"):
+        DistillModule(student, OptimConfig(), KDSchedule(KDConfig(), 2))

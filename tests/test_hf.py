@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -31,14 +30,9 @@ from transformers import (
 )
 
 from distill.config import register_configs
-from distill.distill import run_distill, teacher_source
 from distill.errors import ConfigError
 from distill.export import load_exported
-from distill.models import GPT, load_model_config
-from distill.modules import DistillModule
-from distill.pretrain import prepare_data
-from students.config import StudentConfig
-from students.hf import (
+from distill.interop import (
     export_hf_from_native,
     gpt_from_hf,
     hf_config_from_model,
@@ -46,8 +40,14 @@ from students.hf import (
     hf_from_gpt,
     model_config_from_hf,
 )
+from distill.kd import KDSchedule
+from distill.models import GPT, ModelConfig
+from distill.resolve import resolve
+from distill.stage import distill_stage, prepare_data, run_stage
+from distill.train.distill_module import DistillModule
+from students.config import StudentConfig
 from students.mos import derive_student, init_student_from_teacher
-from teachers.hf import HFTeacher, load_hf_teacher, use_teacher_tokenizer
+from teachers.hf import HFTeacher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EOS = "<|endoftext|>"
@@ -125,9 +125,10 @@ def reference(path: Path) -> torch.nn.Module:
 
 
 def compose_cfg(app: str, *overrides: str):
+    """The composed config of ``app`` (its out_dir, a Hydra run-time value, set by hand)."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose(config_name=app, overrides=list(overrides))
+        return compose(config_name=app, overrides=["out_dir=/nonexistent/out", *overrides])
 
 
 def random_ids(vocab: int, shape=(2, 24), seed: int = 0) -> torch.Tensor:
@@ -181,7 +182,7 @@ def test_student_from_all_teacher_layers_reproduces_teacher(family, checkpoints)
     with torch.no_grad():
         want = hf(idx).logits[..., :TOKENIZER_VOCAB]
         assert (student(idx).logits - want).abs().max() > 1e-2  # a fresh student is far off
-        init_student_from_teacher(student, HFTeacher(hf).as_gpt(student.cfg), s)
+        init_student_from_teacher(student, HFTeacher(checkpoints[family]).student_init_model(student.cfg), s)
         torch.testing.assert_close(student(idx).logits, want, atol=1e-5, rtol=0)
 
 
@@ -189,7 +190,7 @@ def test_student_with_fewer_experts_takes_the_first_experts(checkpoints):
     hf = reference(checkpoints["mixtral"])
     s = StudentConfig(n_layers=1, num_experts=[2], init="teacher")
     student = GPT(derive_student(model_config_from_hf(hf.config), s, vocab_size=TOKENIZER_VOCAB))
-    assert init_student_from_teacher(student, HFTeacher(hf).as_gpt(student.cfg), s) == [1]
+    assert init_student_from_teacher(student, HFTeacher(checkpoints["mixtral"]).student_init_model(student.cfg), s) == [1]
     moe, ref = student.blocks[0].ffn, hf.model.layers[1].mlp
     torch.testing.assert_close(moe.router.weight, ref.gate.weight[:2], atol=0, rtol=0)
     torch.testing.assert_close(moe.experts.w_in, ref.experts.gate_up_proj[:2].transpose(1, 2), atol=0, rtol=0)
@@ -202,12 +203,12 @@ def test_unsupported_families_and_students_name_the_key(tmp_path):
     OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
                 num_experts=4).save_pretrained(olmoe)
     with pytest.raises(ConfigError) as err:
-        teacher_source(compose_cfg("distill", "teacher=hf", f"teacher.path={olmoe}"))
+        resolve(compose_cfg("distill", "teacher=hf", f"teacher.path={olmoe}"), "distill")
     assert err.value.key == "teacher.path" and "olmoe" in str(err.value)
     with pytest.raises(ConfigError) as err:
         model_config_from_hf(MixtralConfig(num_experts_per_tok=1, num_local_experts=4))
     assert err.value.key == "teacher.path"
-    pr_moe = load_model_config(compose_cfg("pretrain", "model=tiny").model)
+    pr_moe = ModelConfig.from_dict(compose_cfg("pretrain", "model=tiny").model).validate()
     with pytest.raises(ConfigError) as err:
         hf_family(pr_moe)  # a residual GELU PR-MoE with LayerNorm: no Hugging Face family
     assert err.value.key == "model.norm"
@@ -223,11 +224,12 @@ def test_unsupported_families_and_students_name_the_key(tmp_path):
 def test_teacher_source_logits_equal_transformers_with_padding_trimmed(checkpoints, text_file):
     path = checkpoints["mixtral"]
     cfg = compose_cfg("distill", "teacher=hf", f"teacher.path={path}", *DATA, f"data.data_files={text_file}")
-    assert use_teacher_tokenizer(cfg).data.tokenizer.path == str(path.resolve())
-    teacher_cfg, loader, ref = teacher_source(cfg)
+    spec = resolve(cfg, "distill")
+    assert spec.data.tokenizer.path == str(path.resolve())
+    teacher_cfg, ref = spec.teacher.architecture(), spec.teacher.identity().as_dict()
     assert teacher_cfg.vocab_size == 320 and len(ref["sha256"]) == 64
-    module = DistillModule(replace(teacher_cfg, vocab_size=TOKENIZER_VOCAB), cfg.optim, 4,
-                           OmegaConf.to_object(cfg.kd), teacher_loader=loader, teacher=ref)
+    module = DistillModule(replace(teacher_cfg, vocab_size=TOKENIZER_VOCAB), spec.optim, KDSchedule(spec.kd.cfg, 4),
+                           teacher_loader=spec.teacher.load, teacher=ref)
     idx = random_ids(TOKENIZER_VOCAB)
     got = module.teacher_logits(idx)
     assert not module.teacher.training and not any(p.requires_grad for p in module.teacher.parameters())
@@ -243,15 +245,16 @@ def test_tokenizer_mismatch_is_a_config_error(checkpoints, hf_tokenizer, text_fi
     cfg = compose_cfg("distill", "teacher=hf", f"teacher.path={checkpoints['mixtral']}",
                       "data.tokenizer.kind=pretrained", f"data.tokenizer.path={other}")
     with pytest.raises(ConfigError) as err:
-        use_teacher_tokenizer(cfg)
+        resolve(cfg, "distill")
     assert err.value.key == "data.tokenizer.path"
     small = build_checkpoint("qwen2_moe", tmp_path / "small", hf_tokenizer, vocab=256)  # 300 tokens, 256 rows
     cfg = compose_cfg("distill", "teacher=hf", f"teacher.path={small}", *DATA, f"data.data_files={text_file}")
+    spec = resolve(cfg, "distill")
     with pytest.raises(ConfigError) as err:
-        run_distill(cfg, tmp_path / "run")
+        run_stage(spec, distill_stage(spec))
     assert err.value.key == "data.tokenizer"
     with pytest.raises(ConfigError) as err:
-        load_hf_teacher(tmp_path / "missing")
+        HFTeacher(tmp_path / "missing")
     assert err.value.key == "teacher.path"
 
 
@@ -267,9 +270,9 @@ def step0(metrics_csv: Path, key: str) -> float:
         return next(float(r[key]) for r in csv.DictReader(f) if r["step"] == "0" and r.get(key))
 
 
-def first_batch_teacher_ce(path: Path, cfg) -> float:
+def first_batch_teacher_ce(path: Path, app: str, *overrides: str) -> float:
     """transformers' own CE on the first training batch the app sees (same data config, same sampler)."""
-    dm = prepare_data(use_teacher_tokenizer(cfg))
+    dm = prepare_data(resolve(compose_cfg(app, *overrides), app))
     ids = next(iter(dm.train_dataloader()))["input_ids"]
     with torch.no_grad():
         logits = reference(path)(ids[:, :-1]).logits[..., : dm.vocab_size]
@@ -302,7 +305,7 @@ def test_distill_app_mixtral_teacher(checkpoints, text_file, hf_tokenizer, tmp_p
                  "student.n_layers=2", "student.init=teacher"]
     run_app("distill", *overrides, "trainer=smoke", "logger=csv", f"hydra.run.dir={tmp_path}")
     metrics = tmp_path / "csv" / "metrics.csv"
-    teacher_ce = first_batch_teacher_ce(path, compose_cfg("distill", *overrides))
+    teacher_ce = first_batch_teacher_ce(path, "distill", *overrides)
     assert step0(metrics, "teacher/ce") == pytest.approx(teacher_ce, rel=1e-5)
     # a student initialised from all the teacher's layers starts exactly where the teacher is
     assert step0(metrics, "train/ce") == pytest.approx(teacher_ce, rel=1e-5)
@@ -322,7 +325,7 @@ def test_pipeline_app_qwen2_moe_teacher_skips_pretraining(checkpoints, text_file
     assert set(report["models"]) == {"teacher", "student_staged_kd", "student_no_kd", "student_full_kd"}
     assert report["models"]["teacher"]["gen_tokens_per_s"] > 0
     metrics = tmp_path / "student_staged_kd" / "csv" / "metrics.csv"
-    teacher_ce = first_batch_teacher_ce(path, compose_cfg("pipeline", *overrides))
+    teacher_ce = first_batch_teacher_ce(path, "pipeline", *overrides)
     assert step0(metrics, "teacher/ce") == pytest.approx(teacher_ce, rel=1e-5)
     check_hf_export(tmp_path / "student_staged_kd" / "export", tmp_path / "hf", "qwen2_moe", hf_tokenizer,
                     cli=True)

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill.errors import ConfigError
 from distill.kd import (
     KDConfig,
     KDSchedule,
-    as_kd_config,
     kd_loss,
     kd_loss_from_config,
     kl_to_teacher,
@@ -349,9 +349,16 @@ def test_schedule_linear_and_cosine_decay():
 )
 def test_config_errors_name_the_key(overrides, max_steps, key):
     with pytest.raises(ConfigError) as err:
-        KDSchedule(OmegaConf.create(overrides), max_steps)
+        KDSchedule(kd_config(OmegaConf.create(overrides)), max_steps)
     assert err.value.key == key
     assert key in str(err.value)
+
+
+def test_schedule_uses_teacher_unless_kd_never_runs():
+    assert not KDSchedule(KDConfig(stop_step=0), max_steps=10).uses_teacher
+    assert not KDSchedule(KDConfig(stop_fraction=0.001), max_steps=100).uses_teacher  # rounds to step 0
+    assert KDSchedule(KDConfig(stop_step=1), max_steps=10).uses_teacher
+    assert KDSchedule(KDConfig(), max_steps=10).uses_teacher
 
 
 def test_stop_step_beyond_max_steps_message():
@@ -365,18 +372,28 @@ def test_structured_config_roundtrip():
     node.stop_step = 7
     cfg = OmegaConf.to_object(node)
     assert isinstance(cfg, KDConfig) and cfg.stop_step == 7 and cfg.stop_fraction is None
-    assert as_kd_config(None) == KDConfig()
-    assert as_kd_config(node) == cfg
+    assert kd_config(OmegaConf.create({})) == KDConfig()
+    assert kd_config(node) == cfg
 
 
 # ------------------------------------------------------------------------------------------------
 # conf/kd
 
 
+def kd_config(node) -> KDConfig:
+    """What the app layer does with a `kd` node: merge onto the schema (an unknown key or a wrong type
+    becomes a ConfigError naming it) and build the KDConfig (whose checks then run)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(KDConfig), node)
+    except (ConfigKeyError, ValidationError) as err:
+        raise ConfigError(f"kd.{err.full_key}", err.msg) from None
+    return OmegaConf.to_object(merged)
+
+
 def _load(name: str) -> KDConfig:
     node = OmegaConf.load(CONF_KD / f"{name}.yaml")
     assert "defaults" not in node
-    return as_kd_config(node)
+    return kd_config(node)
 
 
 def test_conf_kd_files():
@@ -391,5 +408,6 @@ def test_conf_kd_files():
     assert sched.stop_step == 400_400 and sched.active(400_399) and not sched.active(400_400)
     none = KDSchedule(_load("none"), max_steps=300)
     assert not any(none.active(s) for s in range(301)) and none.weight(0) == 0.0
+    assert not none.uses_teacher and sched.uses_teacher
     full = KDSchedule(_load("full"), max_steps=300)
     assert full.stop_step is None and all(full.weight(s) == 1.0 for s in range(301))

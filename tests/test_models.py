@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from distill.errors import ConfigError
-from distill.models import GPT, ModelConfig, configure_optimizer_groups, lm_loss, load_model_config
+from distill.models import GPT, ModelConfig, configure_optimizer_groups, lm_loss
 from distill.moe import MoEConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -90,9 +90,23 @@ def test_meta_build_then_materialise():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def from_node(node) -> ModelConfig:
+    """What the app layer does with a `model` node: merge onto the schema, build the dataclass, validate."""
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
+    assert isinstance(cfg, ModelConfig)
+    return cfg.validate()
+
+
 def test_accepts_a_hydra_node():
     node = OmegaConf.create(dataclasses.asdict(small_cfg()))
-    assert GPT(node).cfg == small_cfg()
+    assert GPT(from_node(node)).cfg == small_cfg()
+    assert ModelConfig.from_dict(node) == small_cfg()  # any Mapping, an OmegaConf node included
+
+
+def test_gpt_takes_its_config_as_given():
+    """Building a model neither converts nor checks its config (the app layer validates once per run)."""
+    cfg = small_cfg()
+    assert GPT(cfg).cfg is cfg
 
 
 def test_bf16_autocast_forward_and_generate():
@@ -211,7 +225,7 @@ def test_param_counts_by_hand():
 
 def test_paper_param_counts_on_meta_device():
     for name, (paper_total, base) in PAPER_TOTALS.items():
-        cfg = load_model_config(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
+        cfg = from_node(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
         with torch.device("meta"):
             model = GPT(cfg)
         total, active = model.num_params(), model.num_active_params()
@@ -230,10 +244,12 @@ def test_paper_param_counts_on_meta_device():
 def test_every_yaml_loads_onto_schema(path):
     node = OmegaConf.load(path)
     assert "defaults" not in node
-    cfg = load_model_config(node)
+    cfg = from_node(node)
     assert isinstance(cfg, ModelConfig) and isinstance(cfg.moe, MoEConfig)
     assert cfg.name == path.stem
     assert len(cfg.num_experts) == cfg.num_moe_layers
+    plain = ModelConfig.from_dict(OmegaConf.to_container(node)).validate()  # plain Python, same result
+    assert plain == cfg and isinstance(plain.moe, MoEConfig) and isinstance(plain.num_experts, list)
 
 
 def test_hydra_group_override_by_name():
@@ -242,13 +258,13 @@ def test_hydra_group_override_by_name():
 
     with initialize_config_dir(config_dir=str(CONF_DIR.parent), version_base="1.3"):
         cfg = compose(overrides=["+model=1.3b_prmoe64_128", "model.vocab_size=1000"])
-    model_cfg = load_model_config(cfg.model)
+    model_cfg = from_node(cfg.model)
     assert model_cfg.num_experts == [64] * 10 + [128] * 2 and model_cfg.vocab_size == 1000
     assert model_cfg.moe.residual
 
 
 def test_tiny_yaml_is_a_residual_pyramid():
-    cfg = load_model_config(OmegaConf.load(CONF_DIR / "tiny.yaml"))
+    cfg = from_node(OmegaConf.load(CONF_DIR / "tiny.yaml"))
     assert cfg.moe.residual and cfg.moe.top_k == 1 and cfg.num_experts == sorted(cfg.num_experts)
 
 
@@ -270,7 +286,7 @@ def test_tiny_yaml_is_a_residual_pyramid():
 )
 def test_bad_values_raise_config_error(overrides, key):
     with pytest.raises(ConfigError) as err:
-        GPT(small_cfg(**overrides))
+        small_cfg(**overrides).validate()
     assert err.value.key == key
 
 
@@ -287,16 +303,37 @@ def test_bad_yaml_raises_config_error(node, key):
     good = OmegaConf.to_container(OmegaConf.structured(small_cfg()))
     good.update(node)
     with pytest.raises(ConfigError) as err:
-        load_model_config(good)
+        ModelConfig.from_dict(good).validate()
     assert err.value.key == key
+
+
+def test_unknown_keys_suggest_the_closest():
+    good = dataclasses.asdict(small_cfg())
+    with pytest.raises(ConfigError, match="is not a model config key") as err:
+        ModelConfig.from_dict({**good, "d_modle": 32})
+    assert err.value.key == "model.d_modle" and "model.d_model" in err.value.fix
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict({**good, "moe": {"top_kk": 1}})
+    assert err.value.key == "model.moe.top_kk" and "model.moe.top_k" in err.value.fix
+
+
+def test_from_dict_does_not_validate():
+    cfg = ModelConfig.from_dict({**dataclasses.asdict(small_cfg()), "n_heads": 3})  # 32 % 3
+    assert cfg.n_heads == 3 and isinstance(cfg.moe, MoEConfig)
+    with pytest.raises(ConfigError):
+        cfg.validate()
 
 
 def test_missing_required_key():
     good = OmegaConf.to_container(OmegaConf.structured(small_cfg()))
     del good["vocab_size"]
     with pytest.raises(ConfigError) as err:
-        load_model_config(good)
+        ModelConfig.from_dict(good)
     assert err.value.key == "model.vocab_size"
+    node = OmegaConf.structured(ModelConfig)  # every required value still "???"
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict(node)
+    assert err.value.key == "model.name"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,15 +10,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from distill.config import OptimConfig
-from distill.models import load_model_config
-from distill.modules import LMModule, warmup_cosine
+from distill.models import ModelConfig
+from distill.train.lm_module import LMModule
+from distill.train.optim import warmup_cosine
 
 V, SEQ = 53, 16
 
 
 def tiny_cfg(**moe):
-    return load_model_config(dict(name="t", vocab_size=V, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ,
-                                  num_experts=[2, 4], moe=dict(top_k=1, residual=True, **moe)))
+    return ModelConfig.from_dict(dict(name="t", vocab_size=V, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ,
+                                  num_experts=[2, 4], moe=dict(top_k=1, residual=True, **moe))).validate()
 
 
 class SameBatch(Dataset):

@@ -413,12 +413,21 @@ class TwoRankDispatcher:
         return torch.cat([expert_out, handle])
 
 
+def keep_experts(experts: GroupedExperts, offset: int, num_local: int) -> None:
+    """Keep global experts [offset, offset + num_local) of a module that holds them all (as the
+    expert-parallel strategy's sharding does)."""
+    with torch.no_grad():
+        experts.w_in = torch.nn.Parameter(experts.w_in[offset : offset + num_local].clone())
+        experts.w_out = torch.nn.Parameter(experts.w_out[offset : offset + num_local].clone())
+    experts.expert_offset = offset
+
+
 def test_dispatcher_and_expert_slices_drop_in() -> None:
     full = make_layer(top_k=2, capacity_factor=0.75, min_capacity=1)
     split = copy.deepcopy(full)
     remote = copy.deepcopy(full.experts)
-    remote.keep_local_slice(4, 4)
-    split.experts.keep_local_slice(0, 4)
+    keep_experts(remote, 4, 4)
+    keep_experts(split.experts, 0, 4)
     split.dispatcher = TwoRankDispatcher(remote)
     assert split.experts.num_local_experts == 4 and remote.expert_offset == 4
     x = torch.randn(30, D, requires_grad=True)
@@ -462,10 +471,19 @@ def test_expert_parameters_are_recognisable() -> None:
 )
 def test_bad_config_raises_config_error(cfg: dict, num_experts: int, key: str) -> None:
     with pytest.raises(ConfigError) as err:
-        MoELayer(D, F_HIDDEN, num_experts, cfg)
+        MoEConfig.from_dict(cfg).validate(num_experts)
     assert err.value.key == key
 
 
+def test_layer_takes_its_config_as_given() -> None:
+    """The layer never checks its config (the app layer validates once per run)."""
+    cfg = MoEConfig(top_k=2)
+    layer = MoELayer(D, F_HIDDEN, 2, cfg)
+    assert layer.cfg is cfg
+    with pytest.raises(ConfigError):
+        cfg.validate(1)  # one expert cannot serve top-2; only validate says so
+
+
 def test_cfg_d_ff_overrides_and_mapping_config() -> None:
-    layer = MoELayer(D, F_HIDDEN, 4, {"top_k": 2, "d_ff": 8, "activation": "swiglu"})
+    layer = MoELayer(D, F_HIDDEN, 4, MoEConfig.from_dict({"top_k": 2, "d_ff": 8, "activation": "swiglu"}))
     assert layer.experts.w_in.shape == (4, D, 16) and layer.experts.w_out.shape == (4, 8, D)

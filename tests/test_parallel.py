@@ -22,14 +22,9 @@ from omegaconf import OmegaConf
 from distill.errors import ConfigError
 from distill.models import ModelConfig
 from distill.moe import MoEConfig
-from distill.parallel import (
-    ExpertParallelStrategy,
-    LayerLayout,
-    check_world,
-    layer_group_size,
-    register_expert_parallel,
-)
+from distill.parallel import ExpertParallelStrategy
 from distill.parallel.dispatch import source_to_expert_order
+from distill.parallel.groups import LayerLayout, check_world, layer_group_size
 from distill.parallel.launch import child_env, run_processes, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +106,7 @@ def test_strategy_rejects_bad_layouts_before_any_process_group() -> None:
     cfg = ModelConfig(name="t", vocab_size=32, d_model=16, n_layers=4, n_heads=2, max_seq_len=8,
                       num_experts=[4, 6], moe=MoEConfig())
     from distill.config import OptimConfig
-    from distill.modules import LMModule
+    from distill.train.lm_module import LMModule
 
     with pytest.raises(ConfigError) as err:
         trainer.strategy.connect(LMModule(cfg, OptimConfig(), max_steps=1))
@@ -119,17 +114,20 @@ def test_strategy_rejects_bad_layouts_before_any_process_group() -> None:
     assert not torch.distributed.is_initialized()
 
 
-def test_named_and_hydra_construction() -> None:
-    register_expert_parallel()
-    register_expert_parallel()  # idempotent
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="expert_parallel", logger=False)
-    assert isinstance(trainer.strategy, ExpertParallelStrategy) and trainer.strategy.ep_size == 2
-    from distill.training import build_strategy
+def test_hydra_config_builds_the_strategy() -> None:
+    """strategy=expert_parallel selects it by its `_target_`; no name is registered as an import side effect
+    (a submitit job that unpickles a Trainer config would not have it)."""
+    from lightning.pytorch.strategies import StrategyRegistry
 
-    node = OmegaConf.load(ROOT / "conf" / "strategy" / "expert_parallel.yaml")
-    node.ep_size = 1
+    from distill.train.trainer import build_strategy
+
+    node = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "strategy" / "expert_parallel.yaml"))
     strategy = build_strategy(node)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
+    assert isinstance(trainer.strategy, ExpertParallelStrategy) and trainer.strategy.ep_size == 2  # = devices
+    strategy = build_strategy({**node, "ep_size": 1})
     assert isinstance(strategy, ExpertParallelStrategy) and strategy.ep_size == 1
+    assert "expert_parallel" not in StrategyRegistry
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,7 +217,7 @@ def test_lightning_runs_and_checkpoints_across_layouts(tmp_path: Path) -> None:
     for i in opt_b:
         for k, v in opt_b[i].items():
             assert opt_a[i][k].shape == v.shape and (opt_a[i][k] - v).abs().max() < TOL, (i, k)
-    from distill.modules import LMModule
+    from distill.train.lm_module import LMModule
 
     LMModule.load_from_checkpoint(tmp_path / "A" / "step2.ckpt", map_location="cpu")  # one process, strict
 

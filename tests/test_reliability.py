@@ -25,21 +25,17 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from distill.checkpointing import (
-    AtomicCheckpointIO,
-    NonFiniteError,
-    ResumableLoader,
-    resolve_resume,
-    verify_checkpoint,
-)
-from distill.config import OptimConfig, PretrainConfig
-from distill.data import LMDataModule
-from distill.errors import ConfigError
+from distill.config import CheckpointConfig, OptimConfig, TrainerConfig
+from distill.data import DataConfig, LMDataModule
+from distill.data.resumable import ResumableLoader
+from distill.errors import ConfigError, NonFiniteError
 from distill.export import export_model
-from distill.models import GPT, load_model_config
-from distill.modules import LMModule
-from distill.runinfo import read_loss_rows
-from distill.training import build_trainer
+from distill.models import GPT, ModelConfig
+from distill.train.checkpoint_io import AtomicCheckpointIO
+from distill.train.lm_module import LMModule
+from distill.train.loss_log import read_loss_rows
+from distill.train.resume import resolve_resume, verify_checkpoint
+from distill.train.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, KD_STOP = 14, 6
@@ -71,12 +67,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     data_cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "data" / "local_text.yaml"),
                                {"data_files": str(corpus), "tokenizer": {"vocab_size": 300}, "seq_len": 16,
                                 "batch_size": 16})
-    dm = LMDataModule(data_cfg)
+    dm = LMDataModule(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), data_cfg)))
     dm.prepare_data()
     dm.setup("fit")
-    model_cfg = load_model_config(dict(
+    model_cfg = ModelConfig.from_dict(dict(
         name="t", vocab_size=dm.vocab_size, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, num_experts=[4, 4],
-        dropout=0.1, moe=dict(top_k=1, residual=True, jitter_eps=0.1, drop_policy="random", capacity_factor=1.0)))
+        dropout=0.1, moe=dict(top_k=1, residual=True, jitter_eps=0.1, drop_policy="random", capacity_factor=1.0))).validate()
     torch.manual_seed(0)
     teacher = export_model(GPT(model_cfg), model_cfg, root / "teacher", tokenizer=dm.tokenizer)
     return Setup(corpus, teacher)
@@ -336,13 +332,12 @@ class AtStep(L.Callback):
 
 
 def guarded_fit(tmp_path: Path, action_step: int, action) -> str:
-    cfg = OmegaConf.structured(PretrainConfig)
-    cfg.trainer.update(max_steps=6, accelerator="cpu", devices=1, limit_val_batches=0, enable_progress_bar=False)
-    cfg.checkpoint.every_n_steps = 1
-    model_cfg = load_model_config(dict(name="m", vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=SEQ,
-                                       num_experts=[4]))
+    trainer_cfg = TrainerConfig(max_steps=6, accelerator="cpu", devices=1, limit_val_batches=0, enable_progress_bar=False)
+    model_cfg = ModelConfig.from_dict(dict(name="m", vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=SEQ,
+                                       num_experts=[4])).validate()
     module = LMModule(model_cfg, OptimConfig(warmup_steps=1), 6)
-    trainer = build_trainer(cfg, tmp_path, logger=False, extra_callbacks=[AtStep(action_step, action)])
+    trainer, _ = build_trainer(trainer_cfg, CheckpointConfig(every_n_steps=1), {"name": "auto"}, tmp_path,
+                               logger=False, extra_callbacks=[AtStep(action_step, action)])
     with pytest.raises(NonFiniteError) as err:
         trainer.fit(module, train_dataloaders=DataLoader(RandomBlocks(), batch_size=4))
     return str(err.value)

@@ -6,23 +6,23 @@ import pytest
 import torch
 
 from distill.errors import ConfigError
-from distill.models import GPT, load_model_config
+from distill.models import GPT, ModelConfig
 from students.config import StudentConfig
 from students.mos import default_teacher_layers, derive_student, init_student_from_teacher
 
 
 def tiny_teacher_cfg(n_layers: int = 6, experts: list[int] | None = None):
-    return load_model_config(
+    return ModelConfig.from_dict(
         dict(name="t", vocab_size=97, d_model=32, n_layers=n_layers, n_heads=2, max_seq_len=16,
              num_experts=experts or [4, 4, 8], moe=dict(top_k=1, residual=True, dropless=True))
-    )
+    ).validate()
 
 
 def test_paper_mos_keeps_deepest_moe_layers():
-    teacher = load_model_config(
+    teacher = ModelConfig.from_dict(
         dict(name="350m_prmoe", vocab_size=50257, d_model=64, n_layers=24, n_heads=4, max_seq_len=32,
              num_experts=[32] * 10 + [64] * 2)
-    )
+    ).validate()
     student = derive_student(teacher, StudentConfig(depth_ratio=0.875))
     assert student.n_layers == 21
     assert student.num_experts == [32] * 8 + [64] * 2  # DeepSpeed-MoE's MoS: 32x8 + 64x2

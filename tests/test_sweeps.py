@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from distill.errors import ConfigError
-from distill.sweep import check_launcher, swept_keys, write_sweep_report
 from distill.sweep import main as sweep_main
-from distill.wandb_run import ID_FILE, SUMMARY_FILE, StageSummary, stable_run_id
+from distill.sweep import swept_keys, write_sweep_report
+from distill.sweep_callback import check_launcher
+from distill.tracking import ID_FILE, SUMMARY_FILE, StageSummary, stable_run_id
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["data.max_documents=60", "data.seq_len=32", "data.tokenizer.vocab_size=384", "data.batch_size=8",
@@ -88,7 +89,7 @@ def test_sweep_configs(app, sweep, swept):
     assert dict(cfg.hydra.sweeper.params) == swept
     assert list(cfg.logger.tags) == ["sweep", sweep]
     assert cfg.hydra.sweep.dir.startswith(f"multirun/{sweep}_")
-    assert cfg.hydra.callbacks.sweep._target_ == "distill.sweep.SweepCallback"
+    assert cfg.hydra.callbacks.sweep._target_ == "distill.sweep_callback.SweepCallback"
 
 
 # --- summaries and run ids ---------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def model_config() -> ModelConfig:
         max_seq_len=SEQ,
         num_experts=EXPERTS,
         moe=MoEConfig(top_k=1, dropless=True),
-    )
+    ).validate()
 
 
 def worker(mode: str, steps: int, warmup: int) -> None:

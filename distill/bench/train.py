@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 from distill.bench import median_ratio, time_interleaved
 from distill.config import OptimConfig
 from distill.export import export_model
-from distill.kd import KDConfig
-from distill.models import GPT, lm_loss, load_model_config
-from distill.modules import DistillModule, LMModule
+from distill.kd import KDConfig, KDSchedule
+from distill.models import GPT, ModelConfig, lm_loss
+from distill.train.distill_module import DistillModule
+from distill.train.lm_module import LMModule
 from students.config import StudentConfig
 from students.mos import derive_student
-from teachers.native import load_native_teacher
+from teachers.native import ExportTeacher
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml"
 VOCAB, SEQ, BATCH = 4096, 128, 16
@@ -100,7 +101,8 @@ def theoretical_kd_ratio(teacher: torch.nn.Module, student: torch.nn.Module) -> 
 
 def main() -> None:
     torch.manual_seed(0)
-    teacher_cfg = load_model_config({**OmegaConf.to_container(OmegaConf.load(CONF)), "vocab_size": VOCAB})
+    teacher_cfg = ModelConfig.from_dict({**OmegaConf.to_container(OmegaConf.load(CONF)), "vocab_size": VOCAB})
+    teacher_cfg.validate()
     student_cfg = derive_student(teacher_cfg, StudentConfig())
     print(
         f"teacher {teacher_cfg.name}: {GPT(teacher_cfg).num_params() / 1e6:.2f}M params; "
@@ -113,7 +115,8 @@ def main() -> None:
 
     with TemporaryDirectory() as tmp:
         export = export_model(GPT(teacher_cfg), teacher_cfg, Path(tmp) / "teacher")
-        teacher = load_native_teacher(export)[0]
+        source = ExportTeacher(export)
+        teacher = source.load()
         theory = theoretical_kd_ratio(teacher, GPT(student_cfg))
         on, off = [], []
         for _ in range(ROUNDS):  # rounds alternate the three runs so machine noise hits them alike
@@ -122,9 +125,8 @@ def main() -> None:
                 DistillModule(
                     student_cfg,
                     OptimConfig(),
-                    STEPS,
-                    KDConfig(),
-                    teacher_loader=lambda: load_native_teacher(export)[0],
+                    KDSchedule(KDConfig(), STEPS),
+                    teacher_loader=source.load,
                 ),
                 SKIP,
             )
@@ -132,9 +134,8 @@ def main() -> None:
                 DistillModule(
                     student_cfg,
                     OptimConfig(),
-                    STEPS,
-                    KDConfig(stop_step=2),
-                    teacher_loader=lambda: load_native_teacher(export)[0],
+                    KDSchedule(KDConfig(stop_step=2), STEPS),
+                    teacher_loader=source.load,
                 ),
                 SKIP,
             )

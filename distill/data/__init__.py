@@ -1,6 +1,9 @@
 """Data: corpora (embedded stdlib default, any datasets.load_dataset call), tokenizers, packing, DataModule."""
 
-from distill.data.config import DataConfig, TokenizerConfig, to_data_config
+from distill.data.config import (
+    DataConfig,
+    TokenizerConfig,
+)
 from distill.data.corpus import build_corpus, corpus_fingerprint
 from distill.data.datamodule import LMDataModule, format_stats
 from distill.data.packing import iter_blocks, pack_corpus, tokenize_corpus
@@ -17,6 +20,5 @@ __all__ = [
     "format_stats",
     "iter_blocks",
     "pack_corpus",
-    "to_data_config",
     "tokenize_corpus",
 ]

@@ -1,4 +1,4 @@
-"""Data configuration (the `data` config node), its checks, and where the data caches live."""
+"""Data configuration (the `data` config node) with its checks, and where the data caches live."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from distill.errors import ConfigError
 
@@ -50,49 +48,45 @@ class DataConfig:
     seed: int = 0  # train shuffle seed
     cache_dir: str = DEFAULT_CACHE_DIR  # env DISTILL_CACHE overrides the default
 
+    def validate(self) -> DataConfig:
+        """Check the values a build needs; raise ConfigError naming the key to fix; return self.
 
-def to_data_config(cfg: DataConfig | DictConfig | dict) -> DataConfig:
-    """Accept a DataConfig, or a Hydra/OmegaConf node or dict merged onto the DataConfig schema."""
-    if isinstance(cfg, DataConfig):
-        return cfg
-    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
-
-
-def validate(cfg: DataConfig) -> None:
-    """Check the values a build needs; raise ConfigError naming the key to fix."""
-    if cfg.source not in ("stdlib", "hf"):
-        raise ConfigError("data.source", f"unknown source {cfg.source!r}.", "use 'stdlib' or 'hf'.")
-    if cfg.source == "hf" and not cfg.path:
-        raise ConfigError(
-            "data.path", "source 'hf' needs a dataset.", "set it to 'text', 'json', 'parquet' or a hub name."
-        )
-    for key, value in (("val_fraction", cfg.val_fraction), ("test_fraction", cfg.test_fraction)):
-        if not 0.0 < value < 1.0:
-            raise ConfigError(f"data.{key}", f"must lie strictly between 0 and 1, got {value}.")
-    if cfg.val_fraction + cfg.test_fraction >= 1.0:
-        raise ConfigError("data.val_fraction", "val_fraction + test_fraction leaves no training data.")
-    if cfg.max_documents is not None and cfg.max_documents < 1:
-        raise ConfigError("data.max_documents", f"must be positive or null, got {cfg.max_documents}.")
-    for key in ("seq_len", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"data.{key}", f"must be positive, got {getattr(cfg, key)}.")
-    if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
-        raise ConfigError("data.eval_batch_size", f"must be positive or null, got {cfg.eval_batch_size}.")
-    tok = cfg.tokenizer
-    if tok.kind not in ("bpe", "bytes", "pretrained"):
-        raise ConfigError(
-            "data.tokenizer.kind", f"unknown kind {tok.kind!r}.", "use bpe, bytes or pretrained."
-        )
-    if tok.kind == "bpe" and tok.vocab_size < 257:
-        raise ConfigError(
-            "data.tokenizer.vocab_size",
-            f"a byte-level BPE needs at least 257 entries (256 bytes + end-of-text), got {tok.vocab_size}.",
-        )
-    if tok.kind == "pretrained" and not tok.path:
-        raise ConfigError(
-            "data.tokenizer.path", "kind 'pretrained' needs a tokenizer.json file or tokenizer directory."
-        )
+        The app layer calls it once per run; the builders (`build_corpus`, `build_tokenizer`,
+        `LMDataModule`) take the config as given.
+        """
+        if self.source not in ("stdlib", "hf"):
+            raise ConfigError("data.source", f"unknown source {self.source!r}.", "use 'stdlib' or 'hf'.")
+        if self.source == "hf" and not self.path:
+            raise ConfigError(
+                "data.path", "source 'hf' needs a dataset.", "set it to 'text', 'json', 'parquet' or a hub name."
+            )
+        for key, value in (("val_fraction", self.val_fraction), ("test_fraction", self.test_fraction)):
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"data.{key}", f"must lie strictly between 0 and 1, got {value}.")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError("data.val_fraction", "val_fraction + test_fraction leaves no training data.")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError("data.max_documents", f"must be positive or null, got {self.max_documents}.")
+        for key in ("seq_len", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}", f"must be positive, got {getattr(self, key)}.")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError("data.eval_batch_size", f"must be positive or null, got {self.eval_batch_size}.")
+        tok = self.tokenizer
+        if tok.kind not in ("bpe", "bytes", "pretrained"):
+            raise ConfigError(
+                "data.tokenizer.kind", f"unknown kind {tok.kind!r}.", "use bpe, bytes or pretrained."
+            )
+        if tok.kind == "bpe" and tok.vocab_size < 257:
+            raise ConfigError(
+                "data.tokenizer.vocab_size",
+                f"a byte-level BPE needs at least 257 entries (256 bytes + end-of-text), got {tok.vocab_size}.",
+            )
+        if tok.kind == "pretrained" and not tok.path:
+            raise ConfigError(
+                "data.tokenizer.path", "kind 'pretrained' needs a tokenizer.json file or tokenizer directory."
+            )
+        return self
 
 
 def cache_root(cfg: DataConfig) -> Path:

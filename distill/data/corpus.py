@@ -24,7 +24,7 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict, Features, Value
 
-from distill.data.config import SPLITS, DataConfig, cache_root, digest, to_data_config, validate
+from distill.data.config import SPLITS, DataConfig, cache_root, digest
 from distill.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,6 @@ def corpus_fingerprint(corpus: DatasetDict) -> str:
 
 def build_corpus(cfg: DataConfig) -> DatasetDict:
     """The corpus of `cfg` as splits "train", "validation", "test" with one column "text" (cached)."""
-    cfg = to_data_config(cfg)
-    validate(cfg)
     start = time.perf_counter()
     corpus = _stdlib_corpus(cfg) if cfg.source == "stdlib" else _hf_corpus(cfg)
     for split in SPLITS:

@@ -10,7 +10,7 @@ import lightning as L
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader, DistributedSampler
 
-from distill.data.config import SPLITS, DataConfig, cache_root, digest, to_data_config, validate
+from distill.data.config import SPLITS, DataConfig, cache_root, digest
 from distill.data.corpus import build_corpus, corpus_fingerprint
 from distill.data.packing import pack_corpus, tokenize_corpus, total_length
 from distill.data.tokenizer import TextTokenizer, build_tokenizer
@@ -26,12 +26,12 @@ class LMDataModule(L.LightningDataModule):
     DistributedSampler over the strategy's data-parallel replicas (one replica without a trainer), so
     the order is the same on every run and replicas never share a block; Lightning leaves it in place
     and calls its `set_epoch`. Validation and test loaders keep their order (Lightning shards them).
+    `cfg` is used as given (the app layer runs `DataConfig.validate` once per run).
     """
 
-    def __init__(self, cfg: DataConfig | Any):
+    def __init__(self, cfg: DataConfig):
         super().__init__()
-        self.cfg = to_data_config(cfg)
-        validate(self.cfg)
+        self.cfg = cfg
         self.tokenizer: TextTokenizer | None = None
         self.vocab_size: int | None = None
         self.fingerprint: str | None = None

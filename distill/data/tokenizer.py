@@ -21,8 +21,6 @@ from distill.data.config import (
     TokenizerConfig,
     cache_root,
     digest,
-    to_data_config,
-    validate,
 )
 from distill.data.corpus import corpus_fingerprint
 from distill.errors import ConfigError
@@ -73,8 +71,6 @@ class TextTokenizer:
 
 def build_tokenizer(cfg: DataConfig, corpus: DatasetDict) -> TextTokenizer:
     """The tokenizer `cfg.tokenizer` names; a BPE is trained on corpus["train"] once and then cached."""
-    cfg = to_data_config(cfg)
-    validate(cfg)
     kind = cfg.tokenizer.kind
     if kind == "bytes":
         return TextTokenizer(byte_tokenizer(), EOS_TOKEN, "bytes")

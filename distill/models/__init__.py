@@ -1,7 +1,10 @@
 """The decoder: a GPT with (PR-)MoE FFNs, its config schema, loss and optimizer-group helpers."""
 
-from distill.models.config import ModelConfig, load_model_config
-from distill.models.gpt import GPT, KVCache, ModelOutput
+from distill.models.config import (
+    ModelConfig,
+)
+from distill.models.gpt import GPT, ModelOutput
+from distill.models.layers import KVCache
 from distill.models.loss import lm_loss
 from distill.models.optim import configure_optimizer_groups
 
@@ -12,5 +15,4 @@ __all__ = [
     "ModelOutput",
     "configure_optimizer_groups",
     "lm_loss",
-    "load_model_config",
 ]

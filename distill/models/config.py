@@ -1,16 +1,15 @@
-"""Decoder configuration (the `model` config node): schema, validation and loading from Hydra/YAML."""
+"""Decoder configuration (the `model` config node): the schema, building it from a mapping, its checks."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, List, Optional  # noqa: UP035 (typing generics: OmegaConf structured-config schema)
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from distill.errors import ConfigError
-from distill.moe.config import ACTIVATIONS, MoEConfig
+from distill.moe.config import ACTIVATIONS, MoEConfig, fields_from_mapping
 
+MISSING = "???"  # a required value not set yet (the string OmegaConf's structured configs treat as missing)
 REQUIRED = ("name", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
 NORMS = ("layernorm", "rmsnorm")
 
@@ -70,8 +69,28 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return sum(self.is_moe_block(i) for i in range(self.n_layers))
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """A ModelConfig from a mapping (the `model` node: a dict, or any Mapping such as an OmegaConf node);
+        the nested `moe` mapping becomes an MoEConfig.
+
+        Unknown keys (also under `moe`) and missing required keys raise ConfigError; values are not
+        checked: `validate` does that.
+        """
+        kwargs = fields_from_mapping(cls, d, "model")
+        for key in REQUIRED:
+            if key not in kwargs or kwargs[key] == MISSING:
+                raise ConfigError(f"model.{key}", "is required but not set.", f"set `model.{key}`.")
+        moe = kwargs.get("moe")
+        if isinstance(moe, Mapping):
+            kwargs["moe"] = MoEConfig.from_dict(moe)
+        elif moe is not None and not isinstance(moe, MoEConfig):
+            raise ConfigError("model.moe", f"must be a mapping of MoE options, got {moe!r}.")
+        return cls(**kwargs)
+
     def validate(self) -> ModelConfig:
-        """Raise ConfigError naming the first bad key; return self."""
+        """Raise ConfigError naming the first bad key (`model.*`, and `model.moe.*` through
+        `MoEConfig.validate`); return self. The app layer calls it once per run, before building a model."""
         for key in REQUIRED:
             if getattr(self, key) == MISSING:
                 raise ConfigError(f"model.{key}", "is required but not set.", f"set `model.{key}`.")
@@ -126,18 +145,3 @@ class ModelConfig:
             )
         return self
 
-
-def load_model_config(cfg: ModelConfig | DictConfig | dict[str, Any]) -> ModelConfig:
-    """Merge `cfg` (a Hydra node, a dict or a ModelConfig) onto the schema, validate, return a ModelConfig.
-
-    Unknown keys and wrongly typed values become ConfigError naming the `model.*` key.
-    """
-    if isinstance(cfg, ModelConfig):
-        return cfg.validate()
-    try:
-        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg))
-    except OmegaConfBaseException as err:  # unknown key, wrong type, missing value
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"model.{key}" if key else "model", str(err).splitlines()[0]) from err
-    assert isinstance(obj, ModelConfig)
-    return obj.validate()

@@ -1,9 +1,12 @@
-"""MoE layer configuration (the `model.moe` config node) and the statistics a layer returns."""
+"""MoE layer configuration (the `model.moe` config node), its checks, and the statistics a layer returns."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -12,6 +15,36 @@ from distill.errors import ConfigError
 ACTIVATIONS = ("gelu", "swiglu")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position", "random")
+
+
+def fields_from_mapping(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Keyword arguments for the config dataclass `cls` from the mapping `d` (any Mapping, an OmegaConf
+    node included: its keys are iterated and its values read one by one). Plain parsing, no value checks:
+    a list-like value becomes a list, an int given for a `float` field a float. A key that is not a field
+    of `cls` raises ConfigError naming ``<prefix>.<key>``, with the closest field as the fix.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key in d:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            fix = (
+                f"did you mean `{prefix}.{close[0]}`?"
+                if close
+                else f"the keys of `{prefix}` are: {', '.join(sorted(fields))}."
+            )
+            raise ConfigError(f"{prefix}.{key}", f"is not a {prefix} config key.", fix)
+        try:
+            value = d[key]
+        except Exception as err:  # e.g. an OmegaConf node's mandatory value ("???") or broken interpolation
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{prefix}.{key}", f"cannot be read: {problem}", f"set `{prefix}.{key}`.") from err
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            value = list(value)
+        elif fields[key].type in ("float", float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        kwargs[key] = value
+    return kwargs
 
 
 @dataclass
@@ -35,6 +68,12 @@ class MoEConfig:
     aux_free_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3 style)
     aux_free_bias_rate: float = 1e-3
     use_grouped_mm: bool = True  # torch.nn.functional.grouped_mm where shapes allow
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MoEConfig:
+        """An MoEConfig from a mapping (the `model.moe` node); unknown keys raise ConfigError. No value checks:
+        `validate` does those."""
+        return cls(**fields_from_mapping(cls, d, "model.moe"))
 
     def validate(self, num_experts: int) -> MoEConfig:
         """Raise ConfigError naming the first bad `model.moe.*` key for a layer of `num_experts`; return self."""

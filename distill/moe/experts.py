@@ -46,8 +46,8 @@ class GroupedExperts(nn.Module):
     """This process's routed experts: `w_in` [E_local, d, f or 2f], `w_out` [E_local, f, d].
 
     `expert_offset` is the global id of local expert 0; expert parallelism keeps a dim-0 slice of each
-    parameter (`keep_local_slice`). Every expert parameter lives in a module of this class, so a strategy
-    can find them (isinstance, or names containing ``experts.``) and keep them out of DDP.
+    parameter (`distill.parallel.shard.shard_experts`). Every expert parameter lives in a module of this
+    class, so a strategy can find them (isinstance, or names containing ``experts.``) and keep them out of DDP.
     """
 
     def __init__(
@@ -67,21 +67,6 @@ class GroupedExperts(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=out_std)
-
-    @torch.no_grad()
-    def keep_local_slice(self, expert_offset: int, num_local_experts: int) -> None:
-        """Keep only global experts [expert_offset, expert_offset + num_local_experts) (expert parallelism)."""
-        keep = slice(
-            expert_offset - self.expert_offset, expert_offset - self.expert_offset + num_local_experts
-        )
-        if keep.start < 0 or keep.stop > self.num_local_experts or num_local_experts < 1:
-            raise ValueError(
-                f"experts [{expert_offset}, {expert_offset + num_local_experts}) are not all held here "
-                f"(held: [{self.expert_offset}, {self.expert_offset + self.num_local_experts}))."
-            )
-        self.w_in = nn.Parameter(self.w_in[keep].clone())
-        self.w_out = nn.Parameter(self.w_out[keep].clone())
-        self.expert_offset = expert_offset
 
     def grouped_mm_applies(self, x: torch.Tensor) -> bool:
         """grouped_mm needs fp32/bf16/fp16 (bf16 on accelerators) and 16-byte aligned row strides."""

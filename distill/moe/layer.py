@@ -4,29 +4,15 @@ local experts, combine with the gate values; optional residual dense MLP and sha
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.errors import ConfigError
 from distill.moe.config import MoEConfig, MoEStats
 from distill.moe.dispatch import LocalDispatcher, TokenDispatcher
 from distill.moe.experts import MLP, GroupedExperts
 from distill.moe.router import Router, Routing
-
-
-def as_moe_config(cfg: MoEConfig | Mapping[str, Any]) -> MoEConfig:
-    """A MoEConfig from a MoEConfig or a mapping (a Hydra node); unknown keys raise ConfigError."""
-    if isinstance(cfg, MoEConfig):
-        return cfg
-    fields = set(MoEConfig.__dataclass_fields__)
-    for key in cfg:
-        if key not in fields:
-            raise ConfigError(f"model.moe.{key}", "is not an MoE option.", f"use one of {sorted(fields)}.")
-    return MoEConfig(**dict(cfg))
 
 
 def sort_by_expert(
@@ -98,25 +84,24 @@ class _UnsortRows(torch.autograd.Function):
 
 
 class MoELayer(nn.Module):
-    """Mixture-of-Experts FFN: `forward(x [..., d]) -> (y [..., d], MoEStats)` (see DESIGN.md, "MoE layer").
+    """Mixture-of-Experts FFN: `forward(x [..., d]) -> (y [..., d], MoEStats)` (see docs/architecture.md, "MoE layer").
 
     Submodules: `router`, `experts` (GroupedExperts, the only expert parameters), `mlp` and `coef`
     (residual), `shared_mlp` (the shared experts as one dense MLP of width num_shared_experts * d_ff,
     which equals the sum of that many experts, or `shared_d_ff`) and its optional sigmoid gate
     `shared_gate`. `dispatcher` moves tokens to the experts; an expert-parallel strategy replaces it
     (and slices `experts`).
+
+    `cfg` is used as given: its checks (`MoEConfig.validate`) run once per run, before any model is built.
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, cfg: MoEConfig | Mapping[str, Any]):
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, cfg: MoEConfig):
         super().__init__()
-        cfg = as_moe_config(cfg).validate(num_experts)
         self.cfg = cfg
         self.d_model = d_model
         self.num_experts = num_experts
         self.top_k = cfg.top_k
         d_ff = cfg.d_ff if cfg.d_ff is not None else d_ff
-        if d_ff <= 0:
-            raise ConfigError("model.d_ff", f"the expert hidden size must be positive, got {d_ff}.")
         self.router = Router(d_model, num_experts, cfg)
         self.experts = GroupedExperts(num_experts, d_model, d_ff, cfg.activation, cfg.use_grouped_mm)
         self.mlp = MLP(d_model, d_ff, cfg.activation) if cfg.residual else None

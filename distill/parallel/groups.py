@@ -1,4 +1,4 @@
-"""Which rank holds which experts, and the process groups that connect them (DESIGN.md, "Expert parallelism").
+"""Which rank holds which experts, and the process groups that connect them (docs/architecture.md).
 
 World size W, expert-parallel size ep (W % ep == 0). A layer with E experts uses an expert-parallel
 group of g = min(ep, E) consecutive ranks (g must divide ep and E); rank r holds experts
@@ -14,6 +14,11 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from distill.errors import ConfigError
+
+
+def default_ep_size(processes_per_node: int) -> int:
+    """`strategy.ep_size` left null: the processes of one node share each layer's experts."""
+    return max(1, processes_per_node)
 
 
 def check_world(world_size: int, ep_size: int) -> None:

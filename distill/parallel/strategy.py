@@ -1,4 +1,5 @@
-"""`ExpertParallelStrategy`: Lightning's DDP strategy plus expert parallelism (DESIGN.md, "Expert parallelism").
+"""`ExpertParallelStrategy`: Lightning's DDP strategy plus expert parallelism (docs/architecture.md; usage
+in README.md, "Expert parallelism").
 
 What it adds to DDP, in the order Lightning calls it:
 
@@ -16,8 +17,10 @@ What it adds to DDP, in the order Lightning calls it:
 - `teardown`: the full experts are gathered back, so after `fit` the module is an ordinary
   one-process model (export, parameter counts).
 
-Select it from Hydra with `strategy=expert_parallel` (conf/strategy/expert_parallel.yaml), or by name
-after `register_expert_parallel()`.
+Select it from Hydra with `strategy=expert_parallel` (conf/strategy/expert_parallel.yaml: its `_target_`
+names this class), or pass an instance to `lightning.Trainer(strategy=...)`. It is deliberately not
+registered under a name in Lightning's StrategyRegistry: a registration made as an import side effect is
+missing in a process that unpickles a job (submitit) without importing this module first.
 """
 
 from __future__ import annotations
@@ -30,22 +33,21 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from distill.parallel.dispatch import CommTimer
-from distill.parallel.groups import ExpertGroups, check_world
+from distill.parallel.grads import clip_grad_norm_expert_parallel, reduce_expert_grads
+from distill.parallel.groups import ExpertGroups, check_world, default_ep_size
 from distill.parallel.shard import (
     ExpertShard,
     all_reduce_balance_counts,
     broadcast_expert_replicas,
     check_moe_layers,
-    clip_grad_norm_expert_parallel,
     consolidate_optimizer_state,
     consolidate_state_dict,
     ddp_ignore_experts,
-    reduce_expert_grads,
     shard_experts,
     slice_optimizer_state,
     slice_state_dict,
@@ -108,7 +110,7 @@ class ExpertParallelStrategy(DDPStrategy):
 
     @property
     def ep_size(self) -> int:
-        return self._ep_size if self._ep_size is not None else max(1, self.num_processes)
+        return self._ep_size if self._ep_size is not None else default_ep_size(self.num_processes)
 
     # -- layout checks, before any process group work ---------------------------------------------
 
@@ -117,8 +119,7 @@ class ExpertParallelStrategy(DDPStrategy):
         super()._configure_launcher()
 
     def connect(self, model: LightningModule) -> None:
-        check_world(self.num_nodes * self.num_processes, self.ep_size)
-        check_moe_layers(model, self.ep_size)
+        check_moe_layers(model, self.ep_size)  # the world was checked in _configure_launcher
         super().connect(model)
 
     def setup_environment(self) -> None:
@@ -220,19 +221,3 @@ class ExpertParallelStrategy(DDPStrategy):
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
         self._unwrap_teacher(self.lightning_module)
         super().teardown()
-
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            NAME, cls, description="DDP plus expert parallelism (ep_size = processes per node)", override=True
-        )
-
-
-def register_expert_parallel() -> None:
-    """Make `Trainer(strategy="expert_parallel")` work in this process (idempotent).
-
-    Call it in the function a job runs (e.g. a submitit job), not only at import: a pickled job that
-    never imports this package would not know the name.
-    """
-    if NAME not in StrategyRegistry:
-        ExpertParallelStrategy.register_strategies(StrategyRegistry)

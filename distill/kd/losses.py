@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses and the staged-KD schedule (the `kd` config node).
+"""Knowledge-distillation losses, and the validation metrics against the teacher.
 
 Per valid token, with temperature T, p_t = softmax(teacher_logits / T), p_s = softmax(student_logits / T):
 
@@ -19,151 +19,16 @@ writes d loss / d student_logits in the student's dtype; the teacher is a consta
 where both models put -inf adds nothing. A distribution that puts mass where the one it is measured
 against has none gives an infinite KL, as the math says (forward KL: student -inf where the teacher
 has mass; reverse KL: the other way round); JSD is always finite.
-
-Staged KD: `KDSchedule(cfg, max_steps)` says at each optimizer step (Lightning's 0-based
-`global_step`) whether KD is on and with what weight. KD is on for step < stop_step; stop_step 0 means
-KD is never on (`conf/kd/none.yaml`); no stop step means KD for the whole run (`conf/kd/full.yaml`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
 from torch.autograd.function import once_differentiable
 
-from distill.errors import ConfigError
-
-LOSSES = ("forward_kl", "reverse_kl", "jsd")
-DECAYS = ("none", "linear", "cosine")
-
-
-def _check_loss_args(loss: str, temperature: float, beta: float, chunk_size: int) -> None:
-    if loss not in LOSSES:
-        raise ConfigError("kd.loss", f"unknown KD loss {loss!r}.", f"use one of {', '.join(LOSSES)}.")
-    if not 0 < temperature < math.inf:
-        raise ConfigError("kd.temperature", f"must be > 0 and finite, got {temperature}.", "e.g. 1.0.")
-    if not 0 < beta < 1:
-        raise ConfigError("kd.beta", f"JSD beta must be in (0, 1), got {beta}.", "e.g. 0.5 (symmetric JSD).")
-    if chunk_size < 1:
-        raise ConfigError("kd.chunk_size", f"must be >= 1 token, got {chunk_size}.", "e.g. 1024.")
-
-
-@dataclass
-class KDConfig:
-    loss: str = "forward_kl"  # "forward_kl" | "reverse_kl" | "jsd"
-    temperature: float = 1.0
-    beta: float = 0.5  # JSD only: teacher weight in the mixture
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
-    # KD is on for global_step < stop_step (0 = never on), or stops at round(stop_fraction * max_steps);
-    # at most one of the two; neither = KD for the whole run. (typing.Optional for OmegaConf, as asked.)
-    stop_step: Optional[int] = None  # noqa: UP045
-    stop_fraction: Optional[float] = None  # noqa: UP045
-    decay: str = "none"  # "none" | "linear" | "cosine": kd_weight decays to 0 at the stop step
-    chunk_size: int = 1024  # tokens per chunk of the loss computation
-
-    def __post_init__(self) -> None:
-        _check_loss_args(self.loss, self.temperature, self.beta, self.chunk_size)
-        for key in ("kd_weight", "ce_weight"):
-            value = getattr(self, key)
-            if not 0 <= value < math.inf:
-                raise ConfigError(f"kd.{key}", f"must be >= 0 and finite, got {value}.")
-        if self.stop_step is not None and self.stop_fraction is not None:
-            raise ConfigError(
-                "kd.stop_fraction",
-                f"both kd.stop_step ({self.stop_step}) and kd.stop_fraction ({self.stop_fraction}) are set.",
-                "set one of them to null.",
-            )
-        if self.stop_step is not None and self.stop_step < 0:
-            raise ConfigError(
-                "kd.stop_step", f"must be >= 0, got {self.stop_step}.", "0 means KD never runs."
-            )
-        if self.stop_fraction is not None and not 0 < self.stop_fraction <= 1:
-            raise ConfigError(
-                "kd.stop_fraction",
-                f"must be in (0, 1], got {self.stop_fraction}.",
-                "e.g. 0.7; for no KD at all use kd.stop_step=0 (kd=none).",
-            )
-        if self.decay not in DECAYS:
-            raise ConfigError(
-                "kd.decay", f"unknown decay {self.decay!r}.", f"use one of {', '.join(DECAYS)}."
-            )
-        if self.decay != "none" and self.stop_step is None and self.stop_fraction is None:
-            raise ConfigError(
-                "kd.decay",
-                f"decay {self.decay!r} goes to 0 at the KD stop step, but no stop step is set.",
-                "set kd.stop_step or kd.stop_fraction, or kd.decay=none.",
-            )
-
-
-def as_kd_config(cfg: KDConfig | Mapping[str, Any] | None) -> KDConfig:
-    """A validated KDConfig from a KDConfig, a (Dict)Config node such as `cfg.kd`, or None (defaults)."""
-    if isinstance(cfg, KDConfig):
-        return cfg
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(KDConfig), cfg or {})
-    except (ConfigKeyError, ValidationError) as err:
-        raise ConfigError(
-            f"kd.{err.full_key}", err.msg, "see distill.kd.KDConfig for the keys and types."
-        ) from None
-    return OmegaConf.to_object(node)  # runs KDConfig.__post_init__
-
-
-class KDSchedule:
-    """When KD is on and with what weight, per optimizer step (0-based `global_step`).
-
-    `max_steps` is trainer.max_steps; None or negative (Lightning's "no limit") is allowed unless
-    kd.stop_fraction needs it.
-    """
-
-    def __init__(self, cfg: KDConfig | Mapping[str, Any] | None, max_steps: int | None):
-        self.cfg = cfg = as_kd_config(cfg)
-        self.max_steps = max_steps if max_steps is not None and max_steps >= 0 else None
-        if cfg.stop_step is not None:
-            stop, key = cfg.stop_step, "kd.stop_step"
-        elif cfg.stop_fraction is not None:
-            if self.max_steps is None:
-                raise ConfigError(
-                    "kd.stop_fraction",
-                    "a fraction of the run needs trainer.max_steps, which is not set.",
-                    "set trainer.max_steps, or use kd.stop_step.",
-                )
-            stop, key = round(cfg.stop_fraction * self.max_steps), "kd.stop_fraction"
-        else:
-            stop, key = None, ""
-        if stop is not None and self.max_steps is not None and stop > self.max_steps:
-            raise ConfigError(
-                key,
-                f"KD stop step beyond trainer.max_steps ({stop} > {self.max_steps}).",
-                "lower the KD stop step or raise trainer.max_steps (null stop = KD all the way).",
-            )
-        self.stop_step: int | None = stop
-
-    def active(self, step: int) -> bool:
-        """Whether the KD term (and the teacher) is used at this optimizer step."""
-        return self.stop_step is None or step < self.stop_step
-
-    def weight(self, step: int) -> float:
-        """The KD weight at this step: kd_weight, decayed to 0 at the stop step; 0 when inactive."""
-        if not self.active(step):
-            return 0.0
-        w = self.cfg.kd_weight
-        if self.cfg.decay == "none":
-            return w
-        frac = step / self.stop_step  # decay != "none" implies a stop step (checked in KDConfig)
-        if self.cfg.decay == "linear":
-            return w * (1.0 - frac)
-        return w * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-# ---------------------------------------------------------------------------------------------------
-# losses
+from distill.kd.schedule import KDConfig, _check_loss_args
 
 
 def _weighted_log_ratio(w: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,132 @@
+"""Hugging Face MoE weights <-> our GPT's, both ways, and whole models converted through them.
+
+Weights convert from and to the in-memory layout of the transformers modules (stacked experts
+``gate_up_proj`` [E, 2f, d] = [gate | up] and ``down_proj`` [E, d, f]); transformers itself reads and
+writes the hub's file layout. One table of rules (`weight_rules`) drives both directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from distill.errors import ConfigError
+from distill.interop.hf_config import hf_config_from_model, model_config_from_hf
+from distill.models import GPT, ModelConfig
+
+# (our key, the transformers keys it is made of, how): "copy"; "cat" = concatenated along dim 0 (fused
+# q/k/v, SwiGLU [gate | up]); "t" = dims 1 and 2 swapped (stacked experts); "rows" = may keep only the
+# first rows of the transformers tensor (vocabulary padding, experts a student does not keep).
+Rule = tuple[str, tuple[str, ...], str]
+
+
+def weight_rules(cfg: ModelConfig) -> list[Rule]:
+    """How each of our parameters is made of the transformers model's parameters (a supported family)."""
+    rules: list[Rule] = [
+        ("wte.weight", ("model.embed_tokens.weight",), "rows"),
+        ("ln_f.weight", ("model.norm.weight",), "copy"),
+        ("lm_head.weight", ("lm_head.weight",), "rows"),
+    ]
+    for i in range(cfg.n_layers):
+        o, h = f"blocks.{i}.", f"model.layers.{i}."
+        att, mlp = h + "self_attn.", h + "mlp."
+        rules += [
+            (o + "ln_1.weight", (h + "input_layernorm.weight",), "copy"),
+            (o + "ln_2.weight", (h + "post_attention_layernorm.weight",), "copy"),
+            (o + "attn.c_attn.weight", tuple(f"{att}{p}_proj.weight" for p in "qkv"), "cat"),
+            (o + "attn.c_proj.weight", (att + "o_proj.weight",), "copy"),
+        ]
+        if cfg.qkv_bias:
+            rules.append((o + "attn.c_attn.bias", tuple(f"{att}{p}_proj.bias" for p in "qkv"), "cat"))
+        if not cfg.is_moe_block(i):
+            rules += [
+                (o + "ffn.c_fc.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), "cat"),
+                (o + "ffn.c_proj.weight", (mlp + "down_proj.weight",), "copy"),
+            ]
+            continue
+        rules += [
+            (o + "ffn.router.weight", (mlp + "gate.weight",), "rows"),
+            (o + "ffn.experts.w_in", (mlp + "experts.gate_up_proj",), "t"),
+            (o + "ffn.experts.w_out", (mlp + "experts.down_proj",), "t"),
+        ]
+        if cfg.moe.num_shared_experts:
+            sh = mlp + "shared_expert."
+            rules += [
+                (o + "ffn.shared_mlp.w_in.weight", (sh + "gate_proj.weight", sh + "up_proj.weight"), "cat"),
+                (o + "ffn.shared_mlp.w_out.weight", (sh + "down_proj.weight",), "copy"),
+                (o + "ffn.shared_gate.weight", (mlp + "shared_expert_gate.weight",), "copy"),
+            ]
+    return rules
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig,
+                  targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict (shaped like `targets`) from a transformers state dict. Vocabulary rows and experts
+    (router rows, stacked expert weights) beyond the targets' are dropped; any other difference, or a
+    transformers weight no rule uses, is an error."""
+    out, used = {}, set()
+    for ours, theirs, how in weight_rules(cfg):
+        missing = [k for k in theirs if k not in hf_state]
+        if missing:
+            raise ConfigError("teacher.path", f"the checkpoint lacks {missing[0]} (an unexpected layout).")
+        used.update(theirs)
+        parts = [hf_state[k] for k in theirs]
+        value = torch.cat(parts) if how == "cat" else parts[0].transpose(1, 2) if how == "t" else parts[0]
+        want = targets[ours].shape
+        if how in ("rows", "t") and value.shape[1:] == want[1:] and value.shape[0] >= want[0]:
+            value = value[: want[0]]
+        if value.shape != want:
+            raise ConfigError("teacher.path", f"its {theirs[0]} of shape {tuple(parts[0].shape)} does not "
+                              f"fit our `{ours}` of shape {tuple(want)}.")
+        out[ours] = value
+    unused = sorted(set(hf_state) - used)
+    if unused:
+        raise ConfigError("teacher.path", f"the checkpoint has weights our model has no place for: {unused[:3]}.")
+    return out
+
+
+def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig,
+                targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers state dict (shaped like `targets`) from ours: the inverse of `state_from_hf`."""
+    out = {}
+    for ours, theirs, how in weight_rules(cfg):
+        value = state[ours]
+        if how == "cat":
+            parts = value.split([targets[k].shape[0] for k in theirs])
+        else:
+            parts = (value.transpose(1, 2) if how == "t" else value,)
+        out.update({k: p.contiguous() for k, p in zip(theirs, parts)})
+    return out
+
+
+def gpt_from_hf(hf_model: torch.nn.Module, cfg: ModelConfig | None = None) -> GPT:
+    """Our GPT computing what the transformers model computes (`cfg` defaults to its converted config; a
+    `cfg` with a smaller vocabulary or fewer experts per layer keeps the first rows / experts)."""
+    cfg = cfg or model_config_from_hf(hf_model.config)
+    dtype = next(hf_model.parameters()).dtype
+    model = GPT(cfg).to(dtype)
+    model.load_state_dict(state_from_hf(hf_model.state_dict(), cfg, model.state_dict()))
+    return model.eval()
+
+
+def teacher_gpt_for_student(hf_model: torch.nn.Module, student: ModelConfig) -> GPT:
+    """The teacher as our GPT, shaped so that `students.mos.init_student_from_teacher` can copy its blocks
+    into `student`: the student's vocabulary and, when every student MoE layer has the same smaller
+    expert count k, the first k experts of each teacher MoE layer."""
+    teacher = model_config_from_hf(hf_model.config)
+    counts = set(student.num_experts)
+    if len(counts) == 1 and teacher.num_experts and min(counts) < min(teacher.num_experts):
+        teacher = replace(teacher, num_experts=[counts.pop()] * teacher.num_moe_layers)
+    return gpt_from_hf(hf_model, replace(teacher, vocab_size=student.vocab_size))
+
+
+def hf_from_gpt(model: GPT, base: Any = None) -> torch.nn.Module:
+    """A transformers model computing what `model` computes (see `hf_family` for what can convert)."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_config(hf_config_from_model(model.cfg, base))
+    hf_model.to(next(model.parameters()).dtype)
+    hf_model.load_state_dict(state_to_hf(model.state_dict(), model.cfg, hf_model.state_dict()), strict=True)
+    return hf_model.eval()

@@ -1,0 +1,26 @@
+"""Knowledge distillation: the KD losses (`distill.kd.losses`) and the staged-KD schedule with the `kd`
+config node (`distill.kd.schedule`).
+
+The losses (forward KL, reverse KL, generalised JSD, all scaled by T^2) are means over valid tokens,
+computed chunk by chunk in at least fp32. `KDSchedule(cfg, max_steps)` says at each optimizer step
+whether KD is on and with what weight; `KDSchedule.uses_teacher` is False when KD never runs.
+"""
+
+from distill.kd.losses import kd_loss, kd_loss_from_config, kl_to_teacher, top1_agreement
+from distill.kd.schedule import (
+    DECAYS,
+    LOSSES,
+    KDConfig,
+    KDSchedule,
+)
+
+__all__ = [
+    "DECAYS",
+    "LOSSES",
+    "KDConfig",
+    "KDSchedule",
+    "kd_loss",
+    "kd_loss_from_config",
+    "kl_to_teacher",
+    "top1_agreement",
+]

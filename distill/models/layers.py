@@ -1,0 +1,190 @@
+"""The decoder's building blocks: rotary tables, the KV cache, norms, attention, the dense MLP, the block.
+
+Pre-norm LayerNorm or RMSNorm, causal attention through `scaled_dot_product_attention` (grouped-query
+when `n_kv_heads` < `n_heads`), a GELU or SwiGLU dense MLP; a block's FFN is an MoE layer when it is given
+an expert count. Every module takes a ModelConfig as given (checked once per run by `ModelConfig.validate`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distill.models.config import ModelConfig
+from distill.moe import MoELayer, MoEStats
+from distill.moe.experts import activate, in_width
+
+# ----------------------------------------------------------------------------------------------------
+# rotary position embeddings (rotate-half form)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin tables [L, head_dim] for integer `positions` [L]."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., L, head_dim] by its positions' angles; the result keeps x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values of every attention layer for a batch of sequences being decoded.
+
+    `pos` is the number of positions already written; `GPT.forward` advances it after each call.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v [B, H, L, hd] of `layer` at `pos`; return all keys and values so far."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {end}.")
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------------
+# modules, in the order data flows through them
+
+
+def _init_linear(linear: nn.Linear, std: float) -> None:
+    nn.init.normal_(linear.weight, mean=0.0, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) computed in fp32, cast back to the input dtype, then scaled (Llama / Mixtral convention)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        # q, k, v projections fused: [n_heads | n_kv_heads | n_kv_heads] * head_dim outputs
+        self.qkv_sizes = [cfg.d_model, self.n_kv_heads * cfg.head_dim, self.n_kv_heads * cfg.head_dim]
+        self.c_attn = nn.Linear(cfg.d_model, sum(self.qkv_sizes), bias=cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        _init_linear(self.c_attn, std)
+        _init_linear(self.c_proj, out_std)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, L, d = x.shape
+        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless autocast runs over an fp32 cache
+        mask, is_causal = None, False
+        if start == 0:
+            is_causal = L > 1  # keys are exactly the L query positions
+        elif L > 1:  # a chunk after a cached prefix: query i (position start+i) sees keys 0..start+i
+            q_pos = torch.arange(start, start + L, device=x.device)
+            mask = torch.arange(start + L, device=x.device)[None, :] <= q_pos[:, None]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
+
+
+class MLP(nn.Module):
+    """The dense FFN: Linear -> GELU -> Linear, or SwiGLU (`c_fc` projects to [gate | up])."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.activation = cfg.mlp_activation
+        self.c_fc = nn.Linear(cfg.d_model, in_width(cfg.ffn_dim, cfg.mlp_activation), bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        _init_linear(self.c_fc, std)
+        _init_linear(self.c_proj, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(activate(self.c_fc(x), self.activation))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; its FFN is an MoE layer when `num_experts` is given."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, num_experts: int | None = None):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.ln_2 = make_norm(cfg)
+        self.is_moe = num_experts is not None
+        self.ffn: nn.Module = (
+            MoELayer(cfg.d_model, cfg.ffn_dim, num_experts, cfg.moe) if num_experts is not None else MLP(cfg)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.drop(self.attn(self.ln_1(x), cos, sin, cache))
+        stats = None
+        if self.is_moe:
+            h, stats = self.ffn(self.ln_2(x))
+        else:
+            h = self.ffn(self.ln_2(x))
+        return x + self.drop(h), stats

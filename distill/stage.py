@@ -1,0 +1,129 @@
+"""The one stage runner shared by pretraining and distillation.
+
+    data -> module -> (resume or initialise) -> logger -> trainer -> run_info.json -> fit -> final metrics
+         -> export -> barrier -> summary.json / wandb run closed
+
+`run_stage` takes a `RunSpec` (distill/resolve.py) and a `Stage` saying how to build this stage's module;
+`pretrain_stage` and `distill_stage` are the two kinds. Every decision about the teacher is the teacher
+source's (teachers/base.py): this file never asks which kind it is.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from distill.data import LMDataModule
+from distill.data.resumable import ResumableDataModule
+from distill.errors import NonFiniteError
+from distill.export import export_model
+from distill.resolve import RunSpec
+from distill.runinfo import write_run_info
+from distill.tracking import finish_stage_logger, make_stage_logger
+from distill.train.distill_module import DistillModule
+from distill.train.lm_module import LMModule
+from distill.train.resume import CHECKPOINT_DIR, latest_good_checkpoint, resolve_resume
+from distill.train.trainer import build_trainer
+from students.mos import init_student_from_teacher
+
+
+@dataclass
+class Stage:
+    """How one stage differs from another: its module, what to do before a fresh start, what it reports."""
+
+    build: Callable[[LMDataModule], LMModule]
+    init_fresh: Callable[[LMModule], None] | None = None  # only when the stage does not resume
+    teacher: dict[str, str] | None = None  # {path, sha256}: run_info.json and the export's metadata
+    extra_callbacks: list = field(default_factory=list)
+
+
+def prepare_data(spec: RunSpec) -> LMDataModule:
+    """Build (or load from cache) corpus, tokenizer and packed blocks; the train loader resumes mid-epoch."""
+    dm = ResumableDataModule(spec.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def pretrain_stage(spec: RunSpec) -> Stage:
+    """LM training of ``spec.model`` (its vocabulary is the tokenizer's)."""
+    assert spec.model is not None
+    return Stage(build=lambda dm: LMModule(replace(spec.model, vocab_size=dm.vocab_size), spec.optim,
+                                           spec.trainer.max_steps))
+
+
+def distill_stage(spec: RunSpec) -> Stage:
+    """Staged KD of ``spec.student`` from ``spec.teacher`` with the schedule ``spec.kd``."""
+    teacher, schedule = spec.teacher, spec.kd
+    assert teacher is not None and schedule is not None and spec.student is not None
+    ref = teacher.identity().as_dict()
+
+    def build(dm: LMDataModule) -> LMModule:
+        teacher.check_vocab(dm.tokenizer)
+        student = replace(spec.student, vocab_size=dm.vocab_size)
+        loader = partial(teacher.load, spec.teacher_dtype) if schedule.uses_teacher else None
+        return DistillModule(student, spec.optim, schedule, teacher_loader=loader, teacher=ref)
+
+    def init_from_teacher(module: LMModule) -> None:
+        # A local of this function: the teacher is unreachable (and freed) once the copy is done, before fit.
+        source_model = teacher.student_init_model(module.model_cfg)
+        init_student_from_teacher(module.model, source_model, spec.student_init)
+        del source_model
+        gc.collect()
+
+    init = init_from_teacher if spec.student_init is not None and spec.student_init.init == "teacher" else None
+    return Stage(build=build, init_fresh=init, teacher=ref)
+
+
+def _fit(trainer: L.Trainer, module: LMModule, dm: LMDataModule, ckpt_path: str | None, out_dir: Path) -> None:
+    """`trainer.fit`; a NaN/Inf stop names the checkpoint a fixed run can continue from."""
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except NonFiniteError as err:
+        kept = latest_good_checkpoint(out_dir / CHECKPOINT_DIR)
+        where = f"the last checkpoint, {kept}, is intact" if kept else "no checkpoint had been written yet"
+        raise NonFiniteError(f"{err} {where[0].upper()}{where[1:]}; fix the cause (e.g. lower optim.lr) and start "
+                             "again with resume=auto.") from None
+
+
+def run_stage(spec: RunSpec, stage: Stage, dm: LMDataModule | None = None) -> tuple[dict[str, Any], LMModule]:
+    """Train one stage, validate, export. Returns its summary (the pipeline's report uses it) and the module."""
+    out_dir = spec.out_dir
+    L.seed_everything(spec.seed, workers=True)
+    dm = dm or prepare_data(spec)
+    module = stage.build(dm)
+    resumed = resolve_resume(spec.resume, out_dir)
+    ckpt_path = str(resumed) if resumed is not None else None
+    if ckpt_path is None and stage.init_fresh is not None:
+        stage.init_fresh(module)
+    logger = make_stage_logger(spec.logger, out_dir, spec.stage, spec.run_config)
+    trainer, throughput = build_trainer(spec.trainer, spec.checkpoint, spec.strategy, out_dir, logger,
+                                        stage.extra_callbacks)
+    write_run_info(out_dir, spec.run_config, data=dm, teacher=stage.teacher,
+                   resumed_from=ckpt_path)
+    _fit(trainer, module, dm, ckpt_path, out_dir)
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    summary: dict[str, Any] = {
+        "val_loss": float(metrics["val/loss"]),
+        "val_ppl": float(metrics["val/ppl"]),
+        "train_tokens_per_s": float(throughput.tokens_per_s),
+        "params_total": module.model.num_params(),
+        "params_active": module.model.num_active_params(),
+    }
+    if isinstance(module, DistillModule):
+        summary.update(kd_stop_step=module.schedule.stop_step, teacher_calls=module.teacher_calls)
+    summary["export_dir"] = str(out_dir / "export")
+    if trainer.is_global_zero:
+        meta = {"stage": spec.stage, "data_fingerprint": dm.fingerprint}
+        meta.update({"teacher": stage.teacher} if stage.teacher else summary)
+        export_model(module.model, module.model_cfg, out_dir / "export", tokenizer=dm.tokenizer, meta=meta)
+    trainer.strategy.barrier("export")  # other ranks (and later stages) read the export only once it exists
+    finish_stage_logger(logger, summary)
+    summary["val_history"] = module.val_history
+    return summary, module

@@ -1,0 +1,117 @@
+"""`LMModule`: next-token LM training of a GPT (a teacher, or a student without KD).
+
+The model knows nothing about training; this module owns the objective, the optimizer and the metrics.
+Timing, the NaN/Inf guard, checkpoint IO and the RNG stream are callbacks (distill/train/), so the module
+holds only what a step computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from distill.config import OptimConfig
+from distill.models import GPT, ModelConfig, lm_loss
+from distill.train.optim import build_optimizer
+
+
+def loss_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Which target positions count (None: all; packed blocks have no padding)."""
+    mask = batch.get("loss_mask")
+    return None if mask is None else mask[:, 1:]
+
+
+def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed block of ``seq_len + 1`` tokens -> (inputs, next-token targets)."""
+    ids = batch["input_ids"]
+    return ids[:, :-1], ids[:, 1:]
+
+
+class LMModule(L.LightningModule):
+    """Next-token LM training: ``loss = CE + aux_coef * aux + z_coef * z``.
+
+    ``model_cfg`` and ``optim`` are validated dataclasses (distill/resolve.py). `load_from_checkpoint` passes
+    the plain dicts the checkpoint's hyper-parameters hold; those are turned back into the dataclasses.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, max_steps: int, **extra_hparams: Any):
+        super().__init__()
+        if isinstance(model_cfg, Mapping):  # from a checkpoint's hyper-parameters (validated when saved)
+            model_cfg = ModelConfig.from_dict(model_cfg)
+        if isinstance(optim, Mapping):
+            optim = OptimConfig(**optim)
+        # plain containers only: checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"model_cfg": dataclasses.asdict(model_cfg), "optim": dataclasses.asdict(optim),
+                                   "max_steps": max_steps, **extra_hparams})
+        self.model_cfg = model_cfg
+        self.optim = optim
+        self.max_steps = max_steps
+        self.model = GPT(model_cfg)
+        self.val_loss = MeanMetric()
+        self.val_history: list[tuple[int, float]] = []  # (step, val loss) of each validation during fit
+        self.step_terms: dict[str, torch.Tensor] = {}  # the last training batch's loss terms (detached)
+
+    # ----------------------------------------------------------------------------- training
+    def lm_terms(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        """The LM objective's terms for one batch, and the model output (the distillation module reuses it)."""
+        inputs, targets = split_batch(batch)
+        out = self.model(inputs)
+        ce = lm_loss(out.logits, targets, loss_mask(batch))
+        loss = ce + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
+        return {"loss": loss, "ce": ce, "aux": out.aux_loss, "z": out.z_loss}, out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        terms, out = self.lm_terms(batch)
+        self.finish_step(terms, out)
+        return terms["loss"]
+
+    def finish_step(self, terms: dict[str, torch.Tensor], out: Any) -> None:
+        """Keep the batch's terms for the NaN/Inf guard (`NonFiniteGuard`) and log them."""
+        self.step_terms = {name: value.detach() for name, value in terms.items()}
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss")
+        self.log("train/ppl", torch.exp(terms["ce"].detach()))
+        if self.is_logging_step():
+            self.log_moe_stats(out.moe_stats)
+
+    def is_logging_step(self) -> bool:
+        """Steps whose values reach the logger: metrics that cost compute are only computed on them."""
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
+
+    def log_moe_stats(self, stats: list) -> None:
+        """Per-MoE-layer load imbalance (coefficient of variation of tokens per expert) and drop fraction."""
+        for i, s in enumerate(stats):
+            counts = s.tokens_per_expert.detach().float()
+            cv = counts.std(unbiased=False) / counts.mean().clamp_min(1e-9)
+            self.log(f"moe/layer{i}_load_cv", cv)
+            self.log(f"moe/layer{i}_drop_frac", s.drop_fraction.detach().float())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for module in self.model.modules():
+            update = getattr(module, "update_balance_bias", None)
+            if callable(update):
+                update()
+
+    # ----------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        inputs, targets = split_batch(batch)
+        out = self.model(inputs)
+        self.val_loss.update(lm_loss(out.logits, targets), weight=targets.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        if self.trainer.state.fn == "fit":
+            self.val_history.append((self.global_step, float(loss)))
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt, sched = build_optimizer(self.model, self.optim, self.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

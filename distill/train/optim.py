@@ -1,0 +1,30 @@
+"""AdamW over the model's decay groups, with linear warm-up then cosine decay (the `optim` node)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distill.config import OptimConfig
+from distill.models import configure_optimizer_groups
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to ``min_ratio`` at ``max_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig,
+                    max_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its per-step LR schedule."""
+    groups = configure_optimizer_groups(model, o.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, o.warmup_steps, max_steps, o.min_lr_ratio)
+    )
+    return opt, sched
