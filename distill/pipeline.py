@@ -15,23 +15,26 @@ from dataclasses import replace
 from typing import Any
 
 import hydra
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from distill.config import register_configs
-from distill.data import format_stats
 from distill.errors import exit_on_config_error
-from distill.evaluate import generation_tokens_per_s
 from distill.hydra_errors import run_app
-from distill.report import markdown_table, write_report
 from distill.resolve import RunSpec, resolve
-from distill.runinfo import write_run_info
-from distill.stage import distill_stage, prepare_data, pretrain_stage, run_stage
-from distill.tracking import default_group, log_pipeline_report
 from teachers.native import ExportTeacher
 
 
 def run_pipeline(spec: RunSpec) -> dict[str, Any]:
+    # Imported here: the configuration is resolved (and a bad value reported) before these libraries load.
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from distill.data import format_stats
+    from distill.evaluate import generation_tokens_per_s
+    from distill.report import markdown_table, write_report
+    from distill.runinfo import write_run_info
+    from distill.stage import distill_stage, prepare_data, pretrain_stage, run_stage
+    from distill.tracking import default_group, log_pipeline_report
+
     assert spec.pipeline is not None
     out_dir, settings = spec.out_dir, spec.pipeline
     if spec.logger.group is None:  # every stage of this pipeline in one wandb group

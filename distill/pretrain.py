@@ -19,7 +19,6 @@ from distill.config import register_configs
 from distill.errors import exit_on_config_error
 from distill.hydra_errors import run_app
 from distill.resolve import resolve
-from distill.stage import pretrain_stage, run_stage
 
 register_configs()
 
@@ -27,7 +26,9 @@ register_configs()
 @hydra.main(version_base=None, config_path="../conf", config_name="pretrain")
 @exit_on_config_error  # a submitit job (run without run_app) also exits 2 with one line
 def main(cfg: DictConfig) -> dict[str, Any]:
-    spec = resolve(cfg, "pretrain")
+    spec = resolve(cfg, "pretrain")  # every check, before Lightning and the data libraries load
+    from distill.stage import pretrain_stage, run_stage
+
     summary, _ = run_stage(spec, pretrain_stage(spec))
     print(
         f"[pretrain] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "

@@ -1,24 +1,26 @@
-"""Data: corpora (embedded stdlib default, any datasets.load_dataset call), tokenizers, packing, DataModule."""
+"""Data: corpora (embedded stdlib default, any datasets.load_dataset call), tokenizers, packing, DataModule.
 
-from distill.data.config import (
-    DataConfig,
-    TokenizerConfig,
-)
-from distill.data.corpus import build_corpus, corpus_fingerprint
-from distill.data.datamodule import LMDataModule, format_stats
-from distill.data.packing import iter_blocks, pack_corpus, tokenize_corpus
-from distill.data.tokenizer import TextTokenizer, build_tokenizer
+The configuration (`distill.data.config`) loads with the standard library alone; the rest (datasets,
+tokenizers, Lightning) is imported on first use, so an app can check its whole configuration and report
+a bad value before those libraries load.
+"""
 
-__all__ = [
-    "DataConfig",
-    "LMDataModule",
-    "TextTokenizer",
-    "TokenizerConfig",
-    "build_corpus",
-    "build_tokenizer",
-    "corpus_fingerprint",
-    "format_stats",
-    "iter_blocks",
-    "pack_corpus",
-    "tokenize_corpus",
-]
+from importlib import import_module
+from typing import Any
+
+from distill.data.config import DataConfig, TokenizerConfig
+
+_LAZY = {
+    "build_corpus": "corpus", "corpus_fingerprint": "corpus",
+    "LMDataModule": "datamodule", "format_stats": "datamodule",
+    "iter_blocks": "packing", "pack_corpus": "packing", "tokenize_corpus": "packing",
+    "TextTokenizer": "tokenizer", "build_tokenizer": "tokenizer",
+}
+
+__all__ = ["DataConfig", "TokenizerConfig", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"distill.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
