@@ -32,8 +32,8 @@ def main(teacher: str, out: Path) -> None:
     register_configs()
     overrides = ["data.max_documents=60", "data.seq_len=16", "data.tokenizer.kind=bytes", "data.batch_size=4",
                  f"teacher.path={teacher}", "student.init=teacher", "student.n_layers=2", "trainer=smoke",
-                 "trainer.max_steps=2", "trainer.devices=2", "trainer.accelerator=cpu", "strategy=ddp",
-                 "strategy.start_method=popen", "logger=none", f"out_dir={out / 'run'}", "kd.stop_fraction=0.5"]
+                 "trainer.max_steps=1", "trainer.devices=2", "trainer.accelerator=cpu", "strategy=ddp",
+                 "strategy.start_method=popen", "logger=none", f"out_dir={out / 'run'}", "kd=none"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="distill", overrides=overrides)
     spec = resolve(cfg, "distill")

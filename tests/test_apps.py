@@ -16,11 +16,44 @@ from teachers.native import CheckpointTeacher
 
 TINY_DATA = ["data.max_documents=60", "data.seq_len=32", "data.tokenizer.vocab_size=384", "data.batch_size=8"]
 TINY_MODEL = ["model.d_model=32", "model.n_heads=2", "model.max_seq_len=32"]
+# Runs an app module as __main__ (the real entry point) with counters around the checks that must run once
+# per run: ModelConfig.validate (the names of the configs validated), MoEConfig.validate, KDSchedule().
+COUNTING_DRIVER = """
+import atexit, json, runpy, sys
+from distill.kd import KDSchedule
+from distill.models import ModelConfig
+from distill.moe import MoEConfig
+
+calls = {"model_validate": [], "moe_validate": 0, "kd_schedule": 0}
+model_validate, moe_validate, schedule_init = ModelConfig.validate, MoEConfig.validate, KDSchedule.__init__
+
+def counted_model_validate(self):
+    calls["model_validate"].append(self.name)
+    return model_validate(self)
+
+def counted_moe_validate(self, *args, **kwargs):
+    calls["moe_validate"] += 1
+    return moe_validate(self, *args, **kwargs)
+
+def counted_schedule_init(self, *args, **kwargs):
+    calls["kd_schedule"] += 1
+    schedule_init(self, *args, **kwargs)
+
+ModelConfig.validate, MoEConfig.validate, KDSchedule.__init__ = (
+    counted_model_validate, counted_moe_validate, counted_schedule_init)
+out, app = sys.argv[1], sys.argv[2]
+atexit.register(lambda: open(out, "w").write(json.dumps(calls)))
+sys.argv = [app, *sys.argv[3:]]
+runpy.run_module(app, run_name="__main__")
+"""
 
 
-def run_app(app: str, *overrides: str, ok: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", f"distill.{app}", *overrides], capture_output=True, text=True,
-                          timeout=timeout)
+def run_app(app: str, *overrides: str, ok: bool = True, timeout: int = 300,
+            counts: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m distill.<app> <overrides>``; with ``counts``, through COUNTING_DRIVER writing its counts there."""
+    start = [sys.executable, "-c", COUNTING_DRIVER, str(counts), f"distill.{app}"] if counts else \
+        [sys.executable, "-m", f"distill.{app}"]
+    proc = subprocess.run([*start, *overrides], capture_output=True, text=True, timeout=timeout)
     if ok and proc.returncode != 0:
         raise AssertionError(f"{app} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -30,7 +63,16 @@ def run_app(app: str, *overrides: str, ok: bool = True, timeout: int = 300) -> s
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pretrain")
     run_app("pretrain", *TINY_DATA, *TINY_MODEL, "trainer=smoke", "trainer.max_steps=4",
-            "checkpoint.every_n_steps=2", f"hydra.run.dir={out}")
+            "checkpoint.every_n_steps=2", f"hydra.run.dir={out}", counts=out / "counts.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def distilled(pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("distill")
+    run_app("distill", *TINY_DATA, f"teacher.path={pretrained / 'export'}", "trainer=smoke",
+            "trainer.max_steps=6", "kd.stop_fraction=0.5", "logger=csv", f"hydra.run.dir={out}",
+            counts=out / "counts.json")
     return out
 
 
@@ -58,9 +100,8 @@ def read_csv_metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_distill_app_staged_kd_switches_off(pretrained: Path, tmp_path: Path):
-    run_app("distill", *TINY_DATA, f"teacher.path={pretrained / 'export'}", "trainer=smoke",
-            "trainer.max_steps=6", "kd.stop_fraction=0.5", "logger=csv", f"hydra.run.dir={tmp_path}")
+def test_distill_app_staged_kd_switches_off(distilled: Path):
+    tmp_path = distilled
     rows = read_csv_metrics(tmp_path / "csv" / "metrics.csv")
     active = {int(r["step"]): float(r["kd/active"]) for r in rows if r.get("kd/active")}
     assert active == {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0, 4: 0.0, 5: 0.0}
@@ -115,52 +156,12 @@ def test_unknown_key_rejected_by_schema(tmp_path):
     assert proc.returncode == 2 and "`model.d_modle`" in proc.stderr and "model.d_model" in proc.stderr
 
 
-COUNTING_DRIVER = """
-import atexit, json, runpy, sys
-from distill.kd import KDSchedule
-from distill.models import ModelConfig
-from distill.moe import MoEConfig
-
-calls = {"model_validate": [], "moe_validate": 0, "kd_schedule": 0}
-model_validate, moe_validate, schedule_init = ModelConfig.validate, MoEConfig.validate, KDSchedule.__init__
-
-def counted_model_validate(self):
-    calls["model_validate"].append(self.name)
-    return model_validate(self)
-
-def counted_moe_validate(self, *args, **kwargs):
-    calls["moe_validate"] += 1
-    return moe_validate(self, *args, **kwargs)
-
-def counted_schedule_init(self, *args, **kwargs):
-    calls["kd_schedule"] += 1
-    schedule_init(self, *args, **kwargs)
-
-ModelConfig.validate, MoEConfig.validate, KDSchedule.__init__ = (
-    counted_model_validate, counted_moe_validate, counted_schedule_init)
-out, app = sys.argv[1], sys.argv[2]
-atexit.register(lambda: open(out, "w").write(json.dumps(calls)))
-sys.argv = [app, *sys.argv[3:]]
-runpy.run_module(app, run_name="__main__")
-"""
-
-
-@pytest.mark.parametrize("app", ["pretrain", "distill"])
-def test_the_run_description_is_built_once_per_run(app: str, pretrained: Path, tmp_path: Path):
-    """A real app run (the module run as __main__, with counters around the checks): each model config is
-    validated once, each MoE config once with it, and the KD schedule is built once."""
-    overrides = [*TINY_DATA, "trainer=smoke", "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
-    if app == "pretrain":
-        overrides += TINY_MODEL
-    else:
-        overrides += [f"teacher.path={pretrained / 'export'}", "student.n_layers=2"]
-    counts = tmp_path / "counts.json"
-    proc = subprocess.run([sys.executable, "-c", COUNTING_DRIVER, str(counts), f"distill.{app}", *overrides],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
-    calls = json.loads(counts.read_text())
-    if app == "pretrain":
-        assert calls == {"model_validate": ["tiny"], "moe_validate": 1, "kd_schedule": 0}, calls
-    else:  # the teacher's architecture (read from its export) and the student derived from it
-        assert calls == {"model_validate": ["tiny", "tiny-mos2"], "moe_validate": 2, "kd_schedule": 1}, calls
+def test_the_run_description_is_built_once_per_run(pretrained: Path, distilled: Path):
+    """In a real app run each model config is validated once (its MoE config once with it) and the KD
+    schedule is built once (counted by COUNTING_DRIVER around the pretrain and distill runs above)."""
+    assert (pretrained / "export" / "model.safetensors").is_file() and (distilled / "export").is_dir()
+    calls = json.loads((pretrained / "counts.json").read_text())
+    assert calls == {"model_validate": ["tiny"], "moe_validate": 1, "kd_schedule": 0}, calls
+    calls = json.loads((distilled / "counts.json").read_text())
+    # the teacher's architecture (read from its export) and the 3-layer student derived from it
+    assert calls == {"model_validate": ["tiny", "tiny-mos3"], "moe_validate": 2, "kd_schedule": 1}, calls
