@@ -56,5 +56,5 @@ def build_trainer(trainer: TrainerConfig, checkpoint: CheckpointConfig, strategy
     if SLURMEnvironment.detect():  # submitit owns requeue (USR2 + max_num_timeout): Lightning must not
         plugins.append(SLURMEnvironment(auto_requeue=False))
     node = OmegaConf.structured(trainer)
-    return instantiate(node, strategy=built, plugins=plugins or None, logger=logger, callbacks=callbacks,
+    return instantiate(node, _convert_="all", strategy=built, plugins=plugins or None, logger=logger, callbacks=callbacks,
                        default_root_dir=str(out_dir)), throughput
