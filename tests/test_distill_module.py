@@ -95,6 +95,13 @@ def test_teacher_frozen_not_in_optimizer_or_checkpoint(teacher_dir, tmp_path):
     ckpt = torch.load(tmp_path / "c.ckpt", weights_only=False)
     assert set(ckpt["state_dict"]) == {k for k in module.state_dict()}
     assert ckpt["distill"]["teacher"]["sha256"] == ExportTeacher(teacher_dir).identity().sha256
+    # the student checkpoint loads back through Lightning's own API, schedule included
+    loaded = DistillModule.load_from_checkpoint(tmp_path / "c.ckpt", map_location="cpu")
+    assert loaded.schedule.cfg == module.schedule.cfg and loaded.schedule.max_steps == 2
+    assert loaded.model_cfg == module.model_cfg and loaded.teacher_loader is None
+    assert loaded.teacher_info == module.teacher_info
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[name]), name
 
 
 def test_teacher_logits_usable_in_student_backward(teacher_dir):
@@ -163,5 +170,6 @@ def test_kd_never_runs_has_one_representation(teacher_dir, tmp_path):
     assert module.teacher_calls == 0 and module.teacher is None
     student = module.model_cfg
     DistillModule(student, OptimConfig(), KDSchedule(KDConfig(stop_step=0), 2))  # no loader needed
-    with pytest.raises(ValueError, match="needs a teacher_loader"):
-        DistillModule(student, OptimConfig(), KDSchedule(KDConfig(), 2))
+    needs_teacher = DistillModule(student, OptimConfig(), KDSchedule(KDConfig(), 2))  # e.g. loaded for evaluation
+    with pytest.raises(RuntimeError, match="without a teacher_loader"):
+        needs_teacher.ensure_teacher()

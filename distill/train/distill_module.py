@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from distill.config import OptimConfig
 from distill.errors import ConfigError
-from distill.kd import KDSchedule, kd_loss_from_config, kl_to_teacher, top1_agreement
+from distill.kd import KDConfig, KDSchedule, kd_loss_from_config, kl_to_teacher, top1_agreement
 from distill.models import ModelConfig, lm_loss
 from distill.train.lm_module import LMModule, loss_mask, split_batch
 
@@ -35,7 +35,9 @@ class DistillModule(LMModule):
     ``teacher_loader`` is called at the first step that needs the teacher (so a run resumed after the stop
     step never loads it); the teacher is kept frozen in eval mode and run under inference mode, and
     released (memory freed) at the stop step; from then on it is never run again. ``teacher`` is the
-    ``{path, sha256}`` the checkpoints record.
+    ``{path, sha256}`` the checkpoints record. `load_from_checkpoint` passes the checkpoint's plain
+    hyper-parameters (``schedule`` as ``{kd, max_steps}``) and no loader: such a module evaluates and exports,
+    and says so if it is asked to run the teacher.
     """
 
     def __init__(
@@ -46,11 +48,11 @@ class DistillModule(LMModule):
         teacher_loader: Callable[[], torch.nn.Module] | None = None,
         teacher: dict[str, str] | None = None,
     ):
-        if schedule.uses_teacher and teacher_loader is None:
-            raise ValueError("a KD schedule that runs KD needs a teacher_loader")
-        super().__init__(model_cfg, optim, schedule.max_steps, kd=dataclasses.asdict(schedule.cfg), teacher=teacher)
+        if isinstance(schedule, Mapping):  # from a checkpoint's hyper-parameters
+            schedule = KDSchedule(KDConfig(**schedule["kd"]), schedule["max_steps"])
+        super().__init__(model_cfg, optim, schedule.max_steps, teacher=teacher,
+                         schedule={"kd": dataclasses.asdict(schedule.cfg), "max_steps": schedule.max_steps})
         self.schedule = schedule
-        self.kd = schedule.cfg
         self.teacher_loader = teacher_loader if schedule.uses_teacher else None
         self.teacher_info = teacher
         self._slot = _TeacherSlot()
@@ -71,7 +73,8 @@ class DistillModule(LMModule):
         if self._slot.model is None:
             if self.teacher_released:
                 raise RuntimeError("the teacher was released at the KD stop step and must not run again")
-            assert self.teacher_loader is not None
+            if self.teacher_loader is None:
+                raise RuntimeError("KD needs the teacher, but this module was built without a teacher_loader")
             # building the model draws from the RNG: keep the training stream as it would be without it
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 model = self.teacher_loader()
@@ -104,7 +107,7 @@ class DistillModule(LMModule):
         if active:
             inputs, targets = split_batch(batch)
             t_logits = self.teacher_logits(inputs)
-            k = self.kd
+            k = self.schedule.cfg
             kd = kd_loss_from_config(out.logits, t_logits, loss_mask(batch), k)
             weight = self.schedule.weight(step)
             terms["loss"] = (k.ce_weight * terms["ce"] + weight * kd + self.optim.aux_coef * terms["aux"]
@@ -129,7 +132,7 @@ class DistillModule(LMModule):
         if self.kd_active() and not self.teacher_released:
             t_logits = self.teacher_logits(inputs)
             mask = loss_mask(batch)
-            kl = kl_to_teacher(out.logits, t_logits, mask, chunk_size=self.kd.chunk_size)
+            kl = kl_to_teacher(out.logits, t_logits, mask, chunk_size=self.schedule.cfg.chunk_size)
             self.val_kl.update(kl, weight=targets.numel())
             self.val_agree.update(top1_agreement(out.logits, t_logits, mask), weight=targets.numel())
 
