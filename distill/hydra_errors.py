@@ -88,7 +88,7 @@ def describe_type(tp: Any) -> str:
     return text + (" or null" if optional else "")
 
 
-def _suggest(name: str, choices: list[str], parent: str) -> str:
+def suggest_key(name: str, choices: list[str], parent: str) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     where = f"`{parent}`" if parent else "the top level"
     if close:
@@ -103,13 +103,13 @@ def check_known_keys(node: dict[str, Any], schema: type, prefix: str = "") -> No
         full = f"{prefix}{key}"
         if key not in hints:
             raise ConfigError(full, "is not a config key.",
-                              f"{_suggest(str(key), list(hints), prefix.rstrip('.'))} Remove or rename it.")
+                              f"{suggest_key(str(key), list(hints), prefix.rstrip('.'))} Remove or rename it.")
         sub = _unwrap_optional(hints[key])
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
             check_known_keys(value, sub, f"{full}.")
 
 
-def _groups_with_key(group: str, key: str) -> list[str]:
+def groups_with_key(group: str, key: str) -> list[str]:
     """The options of config group ``group`` (conf/<group>/*.yaml) that define ``key``."""
     found = []
     for path in sorted((CONF_DIR / group).glob("*.yaml")):
@@ -144,9 +144,9 @@ def config_error_from_hydra(err: BaseException, schema: type) -> ConfigError:
             parent, _, name = key.rpartition(".")
             owner = _unwrap_optional(field_type(schema, parent)) if parent else schema
             if dataclasses.is_dataclass(owner):
-                fix = _suggest(name, list(typing.get_type_hints(owner)), parent)
+                fix = suggest_key(name, list(typing.get_type_hints(owner)), parent)
             else:
-                options = _groups_with_key(parent, name) if parent else []
+                options = groups_with_key(parent, name) if parent else []
                 fix = (f"`{name}` belongs to {' / '.join(f'{parent}={o}' for o in options)}: select it first, "
                        f"e.g. `{parent}={options[0]} {key}=...`." if options
                        else f"`{parent}` has no `{name}`; check the spelling or add it with `+{key}=...`.")

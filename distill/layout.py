@@ -44,7 +44,7 @@ def check_strategy_arguments(strategy: Mapping[str, Any]) -> None:
     """A `strategy` node with `_target_`: the target imports and takes every key given."""
     from hydra.utils import get_object
 
-    from distill.hydra_errors import _groups_with_key, _suggest
+    from distill.hydra_errors import groups_with_key, suggest_key
 
     target = strategy["_target_"]
     try:
@@ -59,9 +59,9 @@ def check_strategy_arguments(strategy: Mapping[str, Any]) -> None:
     for key in strategy:
         if str(key).startswith("_") or key in accepted:
             continue
-        options = _groups_with_key("strategy", str(key))
+        options = groups_with_key("strategy", str(key))
         fix = (f"`{key}` belongs to strategy={options[0]}: select it (strategy={options[0]} strategy.{key}=...)."
-               if options else _suggest(str(key), sorted(accepted), "strategy"))
+               if options else suggest_key(str(key), sorted(accepted), "strategy"))
         raise ConfigError(f"strategy.{key}", f"is not an argument of {target}.", fix)
 
 
@@ -90,10 +90,10 @@ def resolve_strategy(node: Mapping[str, Any], world: int | None, num_nodes: int,
     if "_target_" not in strategy:
         unknown = sorted(set(strategy) - {"name"})
         if unknown:
-            from distill.hydra_errors import _groups_with_key
+            from distill.hydra_errors import groups_with_key
 
             key = unknown[0]
-            options = _groups_with_key("strategy", key)
+            options = groups_with_key("strategy", key)
             fix = (f"`{key}` belongs to strategy={options[0]}: select it (strategy={options[0]} strategy.{key}=...)."
                    if options else "select a strategy config of conf/strategy/ that takes it.")
             raise ConfigError(f"strategy.{key}", f"is not an argument of the strategy {strategy.get('name')!r}.", fix)

@@ -67,8 +67,9 @@ def distill_stage(spec: RunSpec) -> Stage:
     def build(dm: LMDataModule) -> LMModule:
         teacher.check_vocab(dm.tokenizer)
         student = replace(spec.student, vocab_size=dm.vocab_size)
-        loader = partial(teacher.load, spec.teacher_dtype) if schedule.uses_teacher else None
-        return DistillModule(student, spec.optim, schedule, teacher_loader=loader, teacher=ref)
+        # the module drops the loader when the schedule never runs KD (KDSchedule.uses_teacher)
+        return DistillModule(student, spec.optim, schedule, teacher_loader=partial(teacher.load, spec.teacher_dtype),
+                             teacher=ref)
 
     def init_from_teacher(module: LMModule) -> None:
         # A local of this function: the teacher is unreachable (and freed) once the copy is done, before fit.
@@ -115,12 +116,12 @@ def run_stage(spec: RunSpec, stage: Stage, dm: LMDataModule | None = None) -> tu
         "train_tokens_per_s": float(throughput.tokens_per_s),
         "params_total": module.model.num_params(),
         "params_active": module.model.num_active_params(),
+        **module.stage_figures(),
     }
-    if isinstance(module, DistillModule):
-        summary.update(kd_stop_step=module.schedule.stop_step, teacher_calls=module.teacher_calls)
     summary["export_dir"] = str(out_dir / "export")
     if trainer.is_global_zero:
         meta = {"stage": spec.stage, "data_fingerprint": dm.fingerprint}
+        # a student's export names its teacher; a pretrained model's records its own figures
         meta.update({"teacher": stage.teacher} if stage.teacher else summary)
         export_model(module.model, module.model_cfg, out_dir / "export", tokenizer=dm.tokenizer, meta=meta)
     trainer.strategy.barrier("export")  # other ranks (and later stages) read the export only once it exists

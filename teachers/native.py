@@ -98,8 +98,12 @@ class CheckpointTeacher(TeacherSource):
     def _weights(self) -> dict[str, torch.Tensor]:
         return {k.removeprefix("model."): v for k, v in self._checkpoint["state_dict"].items() if k.startswith("model.")}
 
-    def identity(self) -> TeacherRef:
+    @cached_property
+    def _identity(self) -> TeacherRef:
         return TeacherRef(path=str(self.file.resolve()), sha256=file_sha256(self.file))
+
+    def identity(self) -> TeacherRef:
+        return self._identity
 
     def verify(self) -> None:
         found = {k: tuple(v.shape) for k, v in self._weights().items()}

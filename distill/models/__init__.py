@@ -1,8 +1,6 @@
 """The decoder: a GPT with (PR-)MoE FFNs, its config schema, loss and optimizer-group helpers."""
 
-from distill.models.config import (
-    ModelConfig,
-)
+from distill.models.config import ModelConfig
 from distill.models.gpt import GPT, ModelOutput
 from distill.models.layers import KVCache
 from distill.models.loss import lm_loss

@@ -124,6 +124,9 @@ class DistillModule(LMModule):
         self.finish_step(terms, out)
         return terms["loss"]
 
+    def stage_figures(self) -> dict[str, Any]:
+        return {"kd_stop_step": self.schedule.stop_step, "teacher_calls": self.teacher_calls}
+
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = split_batch(batch)

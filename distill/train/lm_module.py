@@ -111,6 +111,10 @@ class LMModule(L.LightningModule):
         if self.trainer.state.fn == "fit":
             self.val_history.append((self.global_step, float(loss)))
 
+    def stage_figures(self) -> dict[str, Any]:
+        """What this kind of module adds to its stage's summary (nothing, for plain LM training)."""
+        return {}
+
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         opt, sched = build_optimizer(self.model, self.optim, self.max_steps)
