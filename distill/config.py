@@ -21,6 +21,7 @@ from distill.data.config import DataConfig
 from distill.errors import ConfigError
 from distill.kd import KDConfig
 from distill.models.config import ModelConfig
+from distill.parallel.config import ParallelConfig, TeacherParallelConfig
 from students.config import StudentConfig
 
 RESUME_AUTO, RESUME_FRESH = "auto", ("never", "none")
@@ -152,6 +153,8 @@ class TeacherConfig:
 
     _target_: str = "teachers.native.ExportTeacher"
     path: Optional[str] = None
+    # the teacher's own layout on the mesh (strategy=mesh / expert_parallel); all null: the student's (`parallel`)
+    parallel: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)
 
 
 @dataclass
@@ -164,6 +167,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     strategy: Any = "auto"  # conf/strategy/: a node with the strategy's name, or with `_target_` and arguments
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the mesh of strategy=mesh / expert_parallel
     seed: int = 0
     stage: str = "pretrain"  # wandb job_type and the run's sub-directory
     out_dir: str = "."  # where checkpoints and the export go (defaults to the Hydra run dir)

@@ -43,7 +43,9 @@ FIXES = {
     "model.num_experts": "give every MoE layer at least one expert, e.g. model.num_experts=[4,8].",
     "model.n_heads": "pick model.n_heads so that model.d_model / model.n_heads is even.",
     "student.depth_ratio": "e.g. student.depth_ratio=0.875 (the paper's 24 -> 21 layers), or set student.n_layers.",
-    "strategy.ep_size": "e.g. strategy.ep_size=2; it must divide trainer.devices x trainer.num_nodes.",
+    **{f"{node}.{dim}": f"e.g. {node}.{dim}=2, with {node}.dp_replicate x dp_shard x ep = trainer.devices x "
+       "trainer.num_nodes (one of them may be -1: the rest)."
+       for node in ("parallel", "teacher.parallel") for dim in ("dp_replicate", "dp_shard", "ep")},
     "data.val_fraction": "e.g. 0.05; data.val_fraction + data.test_fraction must leave documents to train on.",
     "data.test_fraction": "e.g. 0.05; data.val_fraction + data.test_fraction must leave documents to train on.",
     "kd.kd_weight": "e.g. kd.kd_weight=1.0 (0 turns the KD term off).",

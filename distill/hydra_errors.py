@@ -5,6 +5,9 @@ of the wrong type, a config group option that does not exist, an unparsable over
 one-line `ConfigError` message with exit status 2 instead of Hydra's report, and a NaN/Inf in training
 exits with status 3 and one line. `check_known_keys` rejects keys the schema does not have (Hydra lets
 ``+key=value`` add one anywhere). Nothing here checks a value: the dataclasses do (distill/config.py).
+
+Importing this module registers the apps' OmegaConf resolver ``${distill.gpus:<accelerator>,<devices>}``
+(`gpus_for`), which the SLURM launcher config uses; every app imports this module before Hydra composes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,22 @@ from distill.errors import ConfigError, NonFiniteError, with_fix
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
+# Accelerators that run on GPUs ("auto" picks them whenever the node has any, so it asks for them).
+GPU_ACCELERATORS = ("gpu", "cuda", "auto")
+
+
+def gpus_for(accelerator: Any, devices: Any) -> Any:
+    """GPUs per node a job should request: ``devices`` for a GPU accelerator (or auto), None otherwise.
+
+    The resolver ``${distill.gpus:${trainer.accelerator},${trainer.devices}}`` of
+    conf/hydra/launcher/submitit_slurm.yaml: SLURM refuses ``--gpus-per-node`` on a node without GPUs
+    ("Invalid generic resource (gres) specification"), and a CPU job has no use for them. Hydra resolves
+    the launcher config once, in the submitting process, so submitted jobs never need the resolver.
+    """
+    return devices if str(accelerator).strip().lower() in GPU_ACCELERATORS else None
+
+
+OmegaConf.register_new_resolver("distill.gpus", gpus_for, replace=True)
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -2,18 +2,21 @@
 
 ``strategy`` is either ``{name: <a strategy Lightning knows by name>}`` (conf/strategy/auto.yaml) or a node
 with ``_target_`` (a strategy class and its arguments, e.g. conf/strategy/expert_parallel.yaml). Every
-key must be an argument of the target; for expert parallelism, ``ep_size`` (null: the processes of one
-node) must divide the world size and every MoE layer's expert count must split over its group.
+key must be an argument of the target. The mesh strategy (conf/strategy/mesh.yaml, expert_parallel.yaml) takes
+its layout from the ``parallel`` node (and the teacher's from ``teacher.parallel``): it must fit the world
+size, and every MoE layer's expert count must split over its expert-parallel group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from distill.errors import ConfigError
 from distill.models.config import ModelConfig
+from distill.parallel.config import ParallelConfig
 
 
 def _accepted_arguments(target: Any) -> set[str] | None:
@@ -51,7 +54,7 @@ def check_strategy_arguments(strategy: Mapping[str, Any]) -> None:
         obj = get_object(target)
     except Exception as err:
         raise ConfigError("strategy._target_", f"cannot import {target!r} ({err}).",
-                          "select a config of conf/strategy/ (auto, ddp, expert_parallel) or an importable "
+                          "select a config of conf/strategy/ (auto, ddp, mesh, expert_parallel) or an importable "
                           "class.") from None
     accepted = _accepted_arguments(obj)
     if accepted is None:
@@ -65,29 +68,53 @@ def check_strategy_arguments(strategy: Mapping[str, Any]) -> None:
         raise ConfigError(f"strategy.{key}", f"is not an argument of {target}.", fix)
 
 
-def check_expert_parallel(ep: Any, world: int | None, num_nodes: int, models: Iterable[ModelConfig]) -> None:
-    """``ep`` (strategy.ep_size; None: the processes of one node) divides the world size, and every MoE
-    layer's experts split over its group. Nothing to check while the world size is unknown (devices=auto)."""
-    from distill.parallel.groups import check_world, default_ep_size, layer_group_size
+MESH_STRATEGY = "distill.parallel.MeshStrategy"
 
-    if ep is None:
-        if world is None:  # the strategy derives it at launch
-            return
-        ep = default_ep_size(world // num_nodes)
+
+def _is_mesh_strategy(target: str) -> bool:
+    from hydra.utils import get_object
+
+    from distill.parallel.strategy import MeshStrategy
+
+    obj = get_object(target)
+    return isinstance(obj, type) and issubclass(obj, MeshStrategy)
+
+
+def check_layout(layout: ParallelConfig, world: int | None, key: str, models: Iterable[ModelConfig]) -> None:
+    """The layout fits the world (nothing to check while the world size is unknown: devices=auto) and every
+    MoE layer of ``models`` splits over its ``ep``."""
+    from distill.parallel.mesh import layer_group_size
+
     if world is None:
-        check_world(ep, ep)  # the type / range message only
         return
-    check_world(world, ep)
+    resolved = layout.resolve(world, key)
     for model in models:
         for experts in model.num_experts:
-            layer_group_size(experts, ep, what=f"a MoE layer of {model.name}")
+            layer_group_size(experts, resolved.ep, what=f"a MoE layer of {model.name}", key=key)
 
 
-def resolve_strategy(node: Mapping[str, Any], world: int | None, num_nodes: int,
-                     models: Iterable[ModelConfig]) -> dict[str, Any]:
-    """The checked `strategy` node as a plain dict (`distill.train.trainer.build_strategy` builds it)."""
+def _first_changed(layout: ParallelConfig) -> str:
+    default = ParallelConfig()
+    return next(k for k, v in dataclasses.asdict(layout).items() if v != getattr(default, k))
+
+
+def resolve_strategy(node: Mapping[str, Any], world: int | None, models: Iterable[ModelConfig],
+                     parallel: ParallelConfig, teacher_parallel: ParallelConfig | None = None,
+                     teacher: ModelConfig | None = None) -> dict[str, Any]:
+    """The checked `strategy` node as a plain dict (`distill.train.trainer.build_strategy` builds it). For the
+    mesh strategy the layouts (``parallel``, ``teacher.parallel``) are checked against the world and the
+    models (``teacher`` against its own layout) and handed to it."""
     strategy = dict(node)
-    if "_target_" not in strategy:
+    target = strategy.get("_target_")
+    mesh = target is not None and _is_known(target) and _is_mesh_strategy(target)
+    if not mesh:
+        for key, layout in (("parallel", parallel), ("teacher.parallel", teacher_parallel)):
+            if layout is not None and (key == "teacher.parallel" or layout != ParallelConfig()):
+                changed = _first_changed(layout) if layout != ParallelConfig() else "ep"
+                raise ConfigError(f"{key}.{changed}", f"sets a mesh layout, but the strategy "
+                                  f"{target or strategy.get('name', 'auto')!r} does not use one.",
+                                  "select strategy=mesh (or strategy=expert_parallel).")
+    if target is None:
         unknown = sorted(set(strategy) - {"name"})
         if unknown:
             from distill.hydra_errors import groups_with_key
@@ -100,6 +127,22 @@ def resolve_strategy(node: Mapping[str, Any], world: int | None, num_nodes: int,
         strategy.setdefault("name", "auto")
         return strategy
     check_strategy_arguments(strategy)
-    if "ep_size" in strategy:
-        check_expert_parallel(strategy["ep_size"], world, num_nodes, models)
+    if mesh:
+        models = list(models)
+        check_layout(parallel, world, "parallel", models)
+        if teacher is not None:
+            check_layout(teacher_parallel or parallel, world,
+                         "teacher.parallel" if teacher_parallel else "parallel", [teacher])
+        strategy["layout"] = dataclasses.asdict(parallel)
+        strategy["teacher_layout"] = None if teacher_parallel is None else dataclasses.asdict(teacher_parallel)
     return strategy
+
+
+def _is_known(target: str) -> bool:
+    try:
+        from hydra.utils import get_object
+
+        get_object(target)
+        return True
+    except Exception:
+        return False  # check_strategy_arguments names it

@@ -105,10 +105,10 @@ def _resume(resume: str | None, app: str) -> str | None:
         raise ConfigError("resume", f"the pipeline runs several stages; one checkpoint path ({resume}) cannot "
                           "resume them all.", "use resume=auto (each stage continues from its own checkpoints) "
                           "or resume=never.")
-    if not Path(resume).expanduser().is_file():
+    if not Path(resume).expanduser().exists():
         raise ConfigError("resume", f"no checkpoint at {resume}.",
                           "use resume=auto (<out_dir>/checkpoints/last.ckpt when it exists), resume=never, "
-                          "or the path of a .ckpt file.")
+                          "or the path of a checkpoint (a .ckpt file, or a sharded .ckpt directory).")
     return str(resume)
 
 
@@ -125,6 +125,7 @@ def instantiate_teacher(node: DictConfig) -> TeacherSource:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    node = OmegaConf.masked_copy(node, [k for k in node if k != "parallel"])  # the layout is the strategy's
     try:
         source = instantiate(node)
     except InstantiationException as err:
@@ -150,6 +151,7 @@ def resolve(cfg: DictConfig, app: str) -> RunSpec:
         teacher_dtype=teacher_dtype(trainer.precision),
     )
     architectures: list[ModelConfig] = []
+    teacher_arch: ModelConfig | None = None
     if app in ("pretrain", "pipeline"):
         spec.model = _node(cfg, "model").validate()
         architectures.append(spec.model)
@@ -160,7 +162,8 @@ def resolve(cfg: DictConfig, app: str) -> RunSpec:
             spec.students = {name: kd_group(cfg.kd, group, trainer.max_steps) for name, group in PIPELINE_STUDENTS.items()}
         if app == "distill" or cfg.teacher.path is not None:
             spec.teacher = instantiate_teacher(cfg.teacher)
-            architectures.insert(0, spec.teacher.architecture())  # its config first: the rest builds on it
+            teacher_arch = spec.teacher.architecture()
+            architectures.insert(0, teacher_arch)  # its config first: the rest builds on it
             spec.teacher.verify()
             spec.data = replace(spec.data, tokenizer=spec.teacher.data_tokenizer(spec.data.tokenizer))
         spec.student_init = _node(cfg, "student").validate()
@@ -168,9 +171,12 @@ def resolve(cfg: DictConfig, app: str) -> RunSpec:
         architectures.append(spec.student)
     if app == "pipeline":
         spec.pipeline = _pipeline_settings(cfg, trainer)
+    teacher_parallel = _node(cfg, "teacher").parallel.layout() if "teacher" in cfg else None
     spec.strategy = resolve_strategy(OmegaConf.to_container(cfg.strategy, resolve=True)  # type: ignore[arg-type]
                                      if OmegaConf.is_config(cfg.strategy) else {"name": cfg.strategy},
-                                     trainer.world_size, trainer.num_nodes, architectures)
+                                     trainer.world_size, [a for a in architectures if a is not teacher_arch],
+                                     _node(cfg, "parallel"), teacher_parallel,
+                                     teacher_arch or (spec.model if app == "pipeline" else None))
     return spec
 
 

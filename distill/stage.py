@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from distill.data import LMDataModule
 from distill.data.resumable import ResumableDataModule
 from distill.errors import NonFiniteError
 from distill.export import export_model
+from distill.parallel.parallelize import is_parallelized
 from distill.resolve import RunSpec
 from distill.runinfo import write_run_info
 from distill.tracking import finish_stage_logger, make_stage_logger
@@ -31,6 +31,7 @@ from distill.train.lm_module import LMModule
 from distill.train.resume import CHECKPOINT_DIR, latest_good_checkpoint, resolve_resume
 from distill.train.trainer import build_trainer
 from students.mos import init_student_from_teacher
+from teachers.base import TeacherLoader
 
 
 @dataclass
@@ -68,7 +69,8 @@ def distill_stage(spec: RunSpec) -> Stage:
         teacher.check_vocab(dm.tokenizer)
         student = replace(spec.student, vocab_size=dm.vocab_size)
         # the module drops the loader when the schedule never runs KD (KDSchedule.uses_teacher)
-        return DistillModule(student, spec.optim, schedule, teacher_loader=partial(teacher.load, spec.teacher_dtype),
+        # a mesh strategy lays the teacher out on its own layout (TeacherLoader.sharded), reading only its slices
+        return DistillModule(student, spec.optim, schedule, teacher_loader=TeacherLoader(teacher, spec.teacher_dtype),
                              teacher=ref)
 
     def init_from_teacher(module: LMModule) -> None:
@@ -119,11 +121,13 @@ def run_stage(spec: RunSpec, stage: Stage, dm: LMDataModule | None = None) -> tu
         **module.stage_figures(),
     }
     summary["export_dir"] = str(out_dir / "export")
-    if trainer.is_global_zero:
+    sharded = is_parallelized(module.model)  # every rank gathers each tensor in turn, rank 0 writes it
+    if trainer.is_global_zero or sharded:
         meta = {"stage": spec.stage, "data_fingerprint": dm.fingerprint}
         # a student's export names its teacher; a pretrained model's records its own figures
         meta.update({"teacher": stage.teacher} if stage.teacher else summary)
-        export_model(module.model, module.model_cfg, out_dir / "export", tokenizer=dm.tokenizer, meta=meta)
+        export_model(module.model, module.model_cfg, out_dir / "export", tokenizer=dm.tokenizer, meta=meta,
+                     writer=trainer.is_global_zero)
     trainer.strategy.barrier("export")  # other ranks (and later stages) read the export only once it exists
     finish_stage_logger(logger, summary)
     summary["val_history"] = module.val_history

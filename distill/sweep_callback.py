@@ -61,7 +61,8 @@ def check_launcher(cfg: Any) -> None:
     gpus = launcher.get("gpus_per_node")
     if gpus and cfg.trainer.accelerator != "cpu" and gpus != devices:
         raise ConfigError("hydra.launcher.gpus_per_node", f"{gpus} GPUs per node but trainer.devices={devices}.",
-                          "leave hydra.launcher.gpus_per_node at its default ${trainer.devices}.")
+                          "leave hydra.launcher.gpus_per_node at its default (trainer.devices GPUs when "
+                          "trainer.accelerator is a GPU one, none otherwise).")
     requeues = target.endswith("SlurmLauncher") or int(launcher.get("max_num_timeout", 0)) > 0
     if requeues and cfg.get("resume") != "auto":
         raise ConfigError("resume", f"jobs of this launcher may be requeued, but resume={cfg.get('resume')}: a "

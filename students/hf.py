@@ -2,7 +2,8 @@
 
     python -m students.hf <export dir of a distilled student> <output dir>   # -> save_pretrained dir
 
-The conversion itself (configs, weights, export) lives in `distill.interop`, shared with teachers/.
+The conversion itself (configs, weights, export) lives in `distill.interop`, shared with teachers/. It
+streams: the export is read one tensor at a time and each is written before the next is read.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ the class, ``path`` its argument) and answers everything the apps ask of a teach
 - ``identity()``: its path and content hash (a student checkpoint records it);
 - ``verify()``: the weights files are readable and agree with the architecture (cheap: headers only);
 - ``load(dtype)``: the frozen model (eval mode, no gradients), whose output has ``.logits``;
+- ``load_sharded(dtype, mesh)``: the same as our GPT laid out on a device mesh (the teacher's own layout),
+  built on the meta device, each rank reading only its slices of the weights (``sharded_tensors``);
+  `TeacherLoader` carries a source and its dtype to where the model is built;
 - ``student_init_model(student)`` / ``as_gpt()``: its weights in our layout, for a student's
   initialisation and for timing generation the way the students are timed.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +34,7 @@ import torch
 from distill.data.config import TokenizerConfig
 from distill.errors import ConfigError
 from distill.models import GPT, ModelConfig
+from distill.parallel.load import LazyTensor, Loaded, build_sharded, lazy_reader
 
 KEY = "teacher.path"
 
@@ -72,6 +77,17 @@ def check_state_shapes(found: dict[str, tuple[int, ...]], cfg: ModelConfig, wher
     extra = sorted(set(found) - known)
     if extra:
         raise ConfigError(KEY, f"{where} holds tensors its config has no place for, e.g. `{extra[0]}`.", fix)
+
+
+def with_tied_names(found: Mapping[str, LazyTensor], cfg: ModelConfig) -> dict[str, LazyTensor]:
+    """``found`` (tensors by our names) with every name of a tied group (embedding and head) mapped to the
+    one the weights hold."""
+    out = dict(found)
+    for group in expected_shapes(cfg):
+        present = [name for name in group if name in found]
+        if present:
+            out.update({name: found[present[0]] for name in group if name not in found})
+    return out
 
 
 def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -126,6 +142,18 @@ class TeacherSource(ABC):
     def load(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """The teacher, frozen: eval mode, no gradients; ``model(idx).logits``."""
 
+    def sharded_tensors(self) -> Mapping[str, LazyTensor]:
+        """Our GPT's tensors by name, read region by region when asked. Checks the weights files (headers,
+        shapes) first: every problem is a ConfigError raised on every rank before any collective. By default
+        the whole teacher is loaded (`as_gpt`) and sliced; sources with sliceable files override this."""
+        return {name: Loaded(t) for name, t in self.as_gpt().state_dict().items()}
+
+    def load_sharded(self, dtype: torch.dtype, mesh: Any) -> torch.nn.Module:
+        """The teacher as our GPT laid out on `mesh` (a ParallelMesh: the teacher's own layout), frozen; each
+        rank reads only its slices. Collective: every rank calls it."""
+        tensors = self.sharded_tensors()  # before any collective: bad files raise on every rank
+        return build_sharded(self.architecture(), mesh, lazy_reader(tensors, KEY), dtype)
+
     def tokenizer_file(self) -> Path | None:
         """The teacher's tokenizer.json, when it has one to compare the data's with."""
         return None
@@ -164,3 +192,18 @@ class TeacherSource(ABC):
     def as_gpt(self) -> GPT:
         """The whole teacher as our GPT (generation is timed the way the students' is)."""
         return self.load()  # type: ignore[return-value]
+
+
+@dataclass
+class TeacherLoader:
+    """A teacher source and the dtype to run it in: ``loader()`` loads it whole (one process or data
+    parallelism), ``loader.sharded(mesh)`` lays it out on a device mesh (a strategy's teacher layout)."""
+
+    source: TeacherSource
+    dtype: torch.dtype = torch.float32
+
+    def __call__(self) -> torch.nn.Module:
+        return self.source.load(self.dtype)
+
+    def sharded(self, mesh: Any) -> torch.nn.Module:
+        return self.source.load_sharded(self.dtype, mesh)

@@ -7,13 +7,19 @@ The teacher's own tokenizer becomes the data's tokenizer (`HFTeacher.data_tokeni
 converted to our ModelConfig (distill/interop), is what the Mixture-of-Students is derived from. The
 teacher runs in the dtype the trainer's precision implies (bf16 / fp16 / fp32), in eval mode, with no
 gradients; DistillModule calls it under inference mode and trims padding-only vocabulary entries.
+
+Sharded (`load_sharded`, a strategy's teacher layout) the teacher is our GPT converted by the weight rules
+(distill/interop), each rank reading only its slices of the safetensors files (one file, or the shards a
+``model.safetensors.index.json`` lists); a checkpoint of ``.bin`` files only is loaded whole and sliced.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -25,11 +31,15 @@ from distill.data.config import TokenizerConfig
 from distill.errors import ConfigError
 from distill.export import file_sha256
 from distill.interop import gpt_from_hf, model_config_from_hf, teacher_gpt_for_student
+from distill.interop.hf_weights import hf_file_tensors
 from distill.models import GPT, ModelConfig
+from distill.parallel.load import LazyTensor, SafetensorsFiles
 from teachers.base import KEY, TeacherRef, TeacherSource, safetensors_shapes
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+INDEX = "model.safetensors.index.json"
+FIX = "re-download or re-save the checkpoint; a weights file is missing, damaged or incomplete."
 
 
 def resolve_hf_path(path: str | os.PathLike, key: str = KEY) -> Path:
@@ -54,6 +64,34 @@ def resolve_hf_path(path: str | os.PathLike, key: str = KEY) -> Path:
         raise ConfigError(key, f"cannot get '{path}' from the Hugging Face hub: {err}",
                           "check the id and access, or download it and give the local directory.") from err
     return local
+
+
+def safetensors_files(directory: Path) -> tuple[list[Path], dict[str, str]]:
+    """(the checkpoint's safetensors files, tensor name -> file name of its index). With an index, the files
+    it lists (whether they exist or not: a missing one is named by whoever opens it); else every
+    ``*.safetensors`` file of the directory."""
+    index = directory / INDEX
+    if not index.is_file():
+        return sorted(directory.glob("*.safetensors")), {}
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(KEY, f"{index} is not a valid safetensors index ({err!r}).", FIX) from None
+    return [directory / name for name in names], weight_map
+
+
+def open_safetensors(directory: Path) -> SafetensorsFiles | None:
+    """The checkpoint's safetensors files, headers checked (ConfigError naming a missing or truncated file,
+    or a tensor not where the index says); None when it has none (``.bin`` files only)."""
+    files, weight_map = safetensors_files(directory)
+    if not files:
+        return None
+    opened = SafetensorsFiles(files, KEY, FIX)
+    for name, file in weight_map.items():
+        if opened.where.get(name) != directory / file:
+            raise ConfigError(KEY, f"{directory / INDEX} places `{name}` in {directory / file}, which lacks it.", FIX)
+    return opened
 
 
 def has_tokenizer(directory: Path) -> bool:
@@ -113,9 +151,19 @@ class HFTeacher(TeacherSource):
         return self._identity
 
     def verify(self) -> None:
-        """Every safetensors file has a complete header (.bin files are checked when transformers loads them)."""
-        for file in sorted(self.dir.glob("*.safetensors")):
+        """Every safetensors file (each one its index lists) exists and has a complete header (.bin files are
+        checked when transformers loads them)."""
+        for file in sorted(set(self.dir.glob("*.safetensors")) | set(safetensors_files(self.dir)[0])):
+            if not file.is_file():
+                raise ConfigError(KEY, f"the weights file {file} is missing.", FIX)
             safetensors_shapes(file)
+
+    def sharded_tensors(self) -> Mapping[str, LazyTensor]:
+        """Our GPT's tensors as lazy views of the safetensors files (converted region by region)."""
+        files = open_safetensors(self.dir)
+        if files is None:  # .bin files cannot be sliced: load whole, convert, slice
+            return super().sharded_tensors()
+        return hf_file_tensors(self.architecture(), files, KEY)
 
     def data_tokenizer(self, configured: TokenizerConfig) -> TokenizerConfig:
         """The teacher's own tokenizer. An explicitly configured pretrained tokenizer is kept if its vocabulary

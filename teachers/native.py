@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,15 @@ import torch
 from distill.errors import ConfigError
 from distill.export import CONFIG, TOKENIZER, WEIGHTS, file_sha256
 from distill.models import GPT, ModelConfig
-from teachers.base import KEY, TeacherRef, TeacherSource, check_state_shapes, safetensors_shapes
+from distill.parallel.load import LazyTensor, Loaded, SafetensorsFiles
+from teachers.base import (
+    KEY,
+    TeacherRef,
+    TeacherSource,
+    check_state_shapes,
+    safetensors_shapes,
+    with_tied_names,
+)
 
 FIX = "point it at the `export/` directory written by `python -m distill.pretrain` (or an intact copy)."
 
@@ -68,6 +77,13 @@ class ExportTeacher(TeacherSource):
         load_model(model, str(self.dir / WEIGHTS))
         return model.to(dtype).eval().requires_grad_(False)
 
+    def sharded_tensors(self) -> Mapping[str, LazyTensor]:
+        """The export's tensors, sliced from model.safetensors (headers and shapes checked first)."""
+        file = self.dir / WEIGHTS
+        files = SafetensorsFiles([file], KEY)
+        check_state_shapes(files.shapes(), self.architecture(), str(file))
+        return with_tied_names({name: files.tensor(name) for name in files.keys()}, self.architecture())
+
 
 class CheckpointTeacher(TeacherSource):
     """A Lightning checkpoint (``.ckpt``) of `LMModule`: the model config in its hyper-parameters."""
@@ -113,3 +129,10 @@ class CheckpointTeacher(TeacherSource):
         model = GPT(self.architecture())
         model.load_state_dict(self._weights())
         return model.to(dtype).eval().requires_grad_(False)
+
+    def sharded_tensors(self) -> Mapping[str, LazyTensor]:
+        """The checkpoint's tensors, memory-mapped: a rank slicing one touches only its region's pages (the
+        pickled structure is read whole by every rank; a torch archive has no per-slice reader)."""
+        weights = self._weights()
+        check_state_shapes({k: tuple(v.shape) for k, v in weights.items()}, self.architecture(), str(self.file))
+        return with_tied_names({k: Loaded(v) for k, v in weights.items()}, self.architecture())

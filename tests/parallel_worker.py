@@ -1,12 +1,13 @@
-"""One rank of the expert-parallel gradient check (started by tests/test_parallel.py, one process per rank).
+"""One rank of the mesh-parallel gradient check (started by tests/test_parallel.py, one process per rank).
 
-    python tests/parallel_worker.py OUT_DIR EP_SIZE SCENARIO[,SCENARIO...]  (RANK, WORLD_SIZE, MASTER_* in env)
+    python tests/parallel_worker.py OUT_DIR LAYOUT[;LAYOUT...] SCENARIO[,SCENARIO...]   (RANK, WORLD_SIZE, MASTER_* in env)
 
-Every rank builds the same model and the same global batch. Reference: one process, the whole model,
-the global batch as W micro-batches with the loss averaged over them (what data parallelism with
-replicated experts computes). Expert parallel: this rank's micro-batch, experts sharded, DDP for the
-rest, expert gradients reduced. Writes the differences to OUT_DIR/{SCENARIO}-rank{R}.json; the test
-asserts.
+LAYOUT is e.g. ``ep=2,dp_shard=2`` (the `parallel` config node). Every rank builds the same model and
+the same global batch. Reference: one process, the whole model, the global batch as W micro-batches with
+the loss averaged over them (what data parallelism with replicated experts computes). Parallel: the model
+laid out by `parallelize` on the layout's mesh, this rank's micro-batch. Compared: the loss, every
+gradient as a full tensor, the norm of the full model and the clipped gradients, every weight after one
+AdamW step. Writes the differences to OUT_DIR/{LAYOUT}-{SCENARIO}-rank{R}.json; the test asserts.
 """
 
 from __future__ import annotations
@@ -20,20 +21,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from distill.models import GPT, ModelConfig, lm_loss
 from distill.moe import MoEConfig
-from distill.parallel.grads import clip_grad_norm_expert_parallel, reduce_expert_grads
-from distill.parallel.groups import ExpertGroups
-from distill.parallel.shard import (
-    consolidate_optimizer_state,
-    consolidate_state_dict,
-    ddp_ignore_experts,
-    shard_experts,
-    slice_optimizer_state,
-    unshard_experts,
-)
+from distill.parallel.config import ParallelConfig
+from distill.parallel.grads import all_reduce_balance_counts, balance_count_buffers, clip_grad_norm_
+from distill.parallel.mesh import ParallelMesh
+from distill.parallel.parallelize import parallelize
 
 SCENARIOS = {
     # top-1 residual PR-MoE, dropless; a layer with fewer experts (1) than ep
@@ -45,123 +39,100 @@ SCENARIOS = {
     "skewed": dict(num_experts=[4, 4], moe=MoEConfig(top_k=1, dropless=True, aux_free_bias=True), skew=True),
 }
 BATCH, SEQ, VOCAB = 2, 16, 64
-
-
 AUX_COEF, Z_COEF = 0.01, 0.001
 
 
-class Objective(nn.Module):
-    """The LM objective (CE + aux + z, as LMModule trains) as a module DDP can wrap. (LMModule itself
-    would import Lightning, which costs each worker seconds.)"""
+def objective(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, ce) of the LM objective as LMModule trains it."""
+    out = model(ids[:, :-1])
+    ce = lm_loss(out.logits, ids[:, 1:])
+    return ce + AUX_COEF * out.aux_loss + Z_COEF * out.z_loss, ce
 
-    def __init__(self, model: GPT):
-        super().__init__()
-        self.model = model
 
-    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.model(ids[:, :-1])
-        ce = lm_loss(out.logits, ids[:, 1:])
-        return {"loss": ce + AUX_COEF * out.aux_loss + Z_COEF * out.z_loss, "ce": ce}
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    return (full(a).float() - b.float()).abs().max().item() if b.numel() else 0.0
 
 
-def run(out_dir: Path, ep_size: int, scenario: str, rank: int, world: int) -> None:
+def parse_layout(text: str) -> ParallelConfig:
+    return ParallelConfig(**{k: int(v) for k, v in (kv.split("=") for kv in text.split(","))})
+
+
+def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -> None:
     spec = SCENARIOS[scenario]
+    layout = parse_layout(layout_text).resolve(world)
     n_moe = len(spec["num_experts"])
     cfg = ModelConfig(name="t", vocab_size=VOCAB, d_model=32, n_layers=2 * n_moe, n_heads=2, max_seq_len=SEQ,
                       num_experts=spec["num_experts"], moe=spec["moe"])
     torch.manual_seed(0)
-    ref = Objective(GPT(cfg))
+    ref = GPT(cfg)
     if spec.get("skew"):
-        for layer in ref.model.moe_layers:
+        for layer in ref.moe_layers:
             layer.router.balance_bias[0] = 10.0
     model = copy.deepcopy(ref)
     ids = torch.randint(VOCAB, (world * BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     micro = ids.split(BATCH)
 
     # reference: one process, all experts, the global batch as W micro-batches
-    ref_losses = [ref(m) for m in micro]
-    ref_loss = torch.stack([t["loss"] for t in ref_losses]).mean()
+    ref_terms = [objective(ref, m) for m in micro]
+    ref_loss = torch.stack([t[0] for t in ref_terms]).mean()
     ref_loss.backward()
+    ref_counts = [c.tolist() for c in balance_count_buffers(ref)]  # before the next forward adds to them
     with torch.no_grad():
-        full_ce = ref(ids)["ce"]  # one forward over the whole global batch
+        full_ce = objective(ref, ids)[1]  # one forward over the whole global batch
 
-    # expert parallel
-    groups = ExpertGroups(ep_size, rank, world, timedelta(seconds=60))
-    shards = shard_experts(model, groups)
-    expert_names = {name: s.layout for s in shards for name, _ in s.named_parameters()}
-    ddp_ignore_experts(model, shards)
-    ddp = DistributedDataParallel(model)
-    received = []  # rows each local expert group computes, per MoE layer
-    for s in shards:
-        s.experts.register_forward_pre_hook(lambda mod, args: received.append(int(args[1].sum())))
-    terms = ddp(micro[rank])
-    terms["loss"].backward()
-    reduce_expert_grads(shards, world)
-
-    losses = torch.stack([terms["loss"].detach(), terms["ce"].detach()])
+    mesh = ParallelMesh(layout)
+    parallelize(model, mesh)
+    received = []  # rows each rank's experts compute, per MoE layer
+    for layer in model.moe_layers:
+        layer.experts.register_forward_pre_hook(lambda mod, args: received.append(int(args[1].sum())))
+    loss, ce = objective(model, micro[rank])
+    loss.backward()
+    losses = torch.stack([loss.detach(), ce.detach()])
     dist.all_reduce(losses)
     losses /= world
+    all_reduce_balance_counts(model)
     ref_params = dict(ref.named_parameters())
-
-    def ref_grad(name: str) -> torch.Tensor:
-        """The reference gradient of `name`, cut to this rank's experts for an expert parameter."""
-        grad = ref_params[name].grad
-        lay = expert_names.get(name)
-        return grad if lay is None else grad[lay.expert_offset : lay.expert_offset + lay.num_local]
-
-    grad_diff = {}
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.shape == ref_grad(name).shape, name
-        grad_diff[name] = max_diff(p.grad, ref_grad(name))
+    params = dict(model.named_parameters())
+    assert params.keys() == ref_params.keys(), sorted(set(params) ^ set(ref_params))
+    grad_diff = {name: max_diff(p.grad, ref_params[name].grad) for name, p in params.items()}
+    counts = [c.tolist() for c in balance_count_buffers(model)]  # summed over the ranks = the reference's
 
     # clipping by the norm of the full model
     norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
-    norm_ep = clip_grad_norm_expert_parallel(model.parameters(), 0.05, shards, world)
-    clipped_diff = max(max_diff(p.grad, ref_grad(n)) for n, p in model.named_parameters())
+    norm = clip_grad_norm_(model.parameters(), 0.05)
+    clipped_diff = max(max_diff(p.grad, ref_params[n].grad) for n, p in params.items())
 
-    # one AdamW step; consolidated checkpoints equal the one-process ones, slicing gives the local state back.
-    # (A large eps keeps the update smooth in the gradient: with eps=1e-8, g / (|g| + eps) turns a 1e-9
-    # gradient difference near g = 0 into a full +-lr step.)
+    # one AdamW step on shards only. (A large eps keeps the update smooth in the gradient: with eps=1e-8,
+    # g / (|g| + eps) turns a 1e-9 gradient difference near g = 0 into a full +-lr step.)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=1e-3)
-    opt_ep = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-3)
     opt_ref.step()
-    opt_ep.step()
-    state_full = consolidate_state_dict(model.state_dict(), shards)
-    osd_full = consolidate_optimizer_state(opt_ep.state_dict(), opt_ep, shards)
-    result = {"rank": rank, "received": received, "loss_ep": losses[0].item(), "loss_ref": ref_loss.item(),
-              "ce_ep": losses[1].item(), "ce_full_batch": full_ce.item(), "grad_diff": grad_diff,
-              "norm_ep": norm_ep.item(), "norm_ref": norm_ref.item(), "clipped_grad_diff": clipped_diff,
-              "layouts": {n: [lay.group_size, lay.expert_offset, lay.num_local] for n, lay in expert_names.items()}}
-    if rank == 0:
-        ref_state, ref_osd = ref.state_dict(), opt_ref.state_dict()
-        result["state_shapes_equal"] = all(state_full[k].shape == v.shape for k, v in ref_state.items())
-        result["state_diff"] = max(max_diff(state_full[k], v) for k, v in ref_state.items())
-        result["opt_state_diff"] = max(
-            max_diff(state_full_v, ref_osd["state"][i][k])
-            for i, st in osd_full["state"].items() for k, state_full_v in st.items() if k != "step"
-        )
-        local = slice_optimizer_state(osd_full, opt_ep, shards)
-        mine = opt_ep.state_dict()
-        result["opt_slice_roundtrip_diff"] = max(
-            max_diff(v, mine["state"][i][k]) for i, st in local["state"].items() for k, v in st.items()
-        )
-    # after the run: the whole model back on every rank, equal to the reference after its step
-    unshard_experts(shards)
-    result["unsharded_diff"] = max(max_diff(p, ref_params[n]) for n, p in model.named_parameters())
-    (out_dir / f"{scenario}-rank{rank}.json").write_text(json.dumps(result))
+    opt.step()
+    weight_diff = max(max_diff(p, ref_params[n].detach()) for n, p in params.items())
+    local = sum(p.to_local().numel() for p in params.values())
+    total = sum(p.numel() for p in ref.parameters())
+    result = {"rank": rank, "layout": layout.describe(), "received": received, "loss": losses[0].item(),
+              "loss_ref": ref_loss.item(), "ce": losses[1].item(), "ce_full_batch": full_ce.item(),
+              "grad_diff": grad_diff, "norm": norm.item(), "norm_ref": norm_ref.item(),
+              "clipped_grad_diff": clipped_diff, "weight_diff": weight_diff, "local_params": local,
+              "total_params": total, "counts": counts, "ref_counts": ref_counts,
+              "experts": {n: [p.to_local().shape[0], p.shape[0]] for n, p in params.items() if "experts." in n}}
+    name = layout_text.replace(",", "_").replace("=", "")
+    (out_dir / f"{name}-{scenario}-rank{rank}.json").write_text(json.dumps(result))
 
 
-def main(out_dir: Path, ep_size: int, scenarios: list[str]) -> None:
+def main(out_dir: Path, layouts: list[str], scenarios: list[str]) -> None:
     torch.set_num_threads(1)  # several ranks share few cores
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    for scenario in scenarios:
-        run(out_dir, ep_size, scenario, dist.get_rank(), dist.get_world_size())
+    for layout in layouts:
+        for scenario in scenarios:
+            run(out_dir, layout, scenario, dist.get_rank(), dist.get_world_size())
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(","))
+    main(Path(sys.argv[1]), sys.argv[2].split(";"), sys.argv[3].split(","))

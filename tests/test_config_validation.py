@@ -58,6 +58,7 @@ def config_error(app: str, overrides: list[str]) -> ConfigError:
 
 
 EP4 = ["strategy=expert_parallel", "trainer.devices=4"]
+MESH4 = ["strategy=mesh", "trainer.devices=4"]
 BAD = [
     # (app, overrides, key, a piece of the fix)
     ("pretrain", ["model.d_modle=64"], "model.d_modle", "did you mean `model.d_model`?"),
@@ -70,16 +71,20 @@ BAD = [
     ("pretrain", ["~trainer.max_steps"], "trainer.max_steps", "set a value instead"),
     ("pretrain", ["model=nope"], "model", "use one of: 1.3b_moe128"),
     ("pretrain", ["trainer.max_steps=["], "trainer.max_steps", "quote values"),
-    ("pretrain", ["strategy.ep_size=2"], "strategy.ep_size", "select it first, e.g. `strategy=expert_parallel"),
-    ("pretrain", ["+strategy.ep_size=2"], "strategy.ep_size", "belongs to strategy=expert_parallel"),
-    ("pretrain", [*EP4, "+strategy.ep_sise=2"], "strategy.ep_sise", "did you mean `strategy.ep_size`?"),
+    ("pretrain", ["strategy.timeout_s=2"], "strategy.timeout_s", "select it first, e.g. `strategy=mesh"),
+    ("pretrain", ["+strategy.timeout_s=2"], "strategy.timeout_s", "belongs to strategy=mesh"),
+    ("pretrain", [*EP4, "+strategy.timeout=2"], "strategy.timeout", "did you mean `strategy.timeout_s`?"),
+    ("pretrain", ["parallel.ep=2"], "parallel.ep", "select strategy=mesh"),
+    ("pretrain", [*MESH4, "parallel.ep=3"], "parallel.ep", "dp_replicate x dp_shard x ep equal the world size"),
+    ("pretrain", [*MESH4, "parallel.dp_shard=3", "parallel.ep=1"], "parallel.dp_shard", "equal the world size"),
+    ("pretrain", [*MESH4, "parallel.dp_shard=-1", "parallel.ep=-1"], "parallel.ep", "give parallel.ep a size"),
+    ("pretrain", [*MESH4, "parallel.tp=2"], "parallel.tp", "set parallel.tp=1"),
+    ("pretrain", [*MESH4, "parallel.param_dtype=fp8"], "parallel.param_dtype", "use one of"),
     ("pretrain", ["model.moe.top_k=9"], "model.moe.top_k", "lower model.moe.top_k"),
     ("pretrain", ["model.moe.capacity_factor=0"], "model.moe.capacity_factor", "model.moe.dropless=true"),
     ("pretrain", ["model.n_heads=3"], "model.n_heads", "pick n_heads that divides d_model"),
-    ("pretrain", [*EP4, "strategy.ep_size=3"], "strategy.ep_size", "use an ep_size that divides 4"),
-    ("pretrain", [*EP4, "strategy.ep_size=4", "model.num_experts=[4,6]"], "model.num_experts",
-     "multiples of strategy.ep_size"),
-    ("pretrain", [*EP4, "strategy.ep_size=0"], "strategy.ep_size", "it must divide trainer.devices"),
+    ("pretrain", [*EP4, "model.num_experts=[4,6]"], "model.num_experts", "multiples of parallel.ep"),
+    ("pretrain", [*EP4, "parallel.ep=0"], "parallel.ep", "= trainer.devices x trainer.num_nodes"),
     ("pretrain", ["trainer.max_steps=0"], "trainer.max_steps", "need a finite run"),
     ("pretrain", ["trainer.devices=0"], "trainer.devices", "e.g. trainer.devices=1"),
     ("pretrain", ["optim.lr=0"], "optim.lr", "e.g. optim.lr=3e-4"),
@@ -102,7 +107,9 @@ BAD = [
     ("distill", ["kd.stop_step=10"], "kd.stop_fraction", "set one of them to null"),
     ("distill", ["kd.temperature=0"], "kd.temperature", "e.g. 1.0"),
     ("distill", ["kd.loss=mse"], "kd.loss", "use one of forward_kl, reverse_kl, jsd"),
-    ("distill", [*EP4, "strategy.ep_size=8"], "strategy.ep_size", "use an ep_size that divides 4"),
+    ("distill", [*EP4, "parallel.ep=8"], "parallel.ep", "equal the world size"),
+    ("distill", [*MESH4, "teacher.parallel.ep=8"], "teacher.parallel.ep", "equal the world size"),
+    ("distill", ["teacher.parallel.ep=1"], "teacher.parallel.ep", "select strategy=mesh"),
     ("pipeline", ["resume=/tmp/step000100.ckpt"], "resume", "use resume=auto"),
     ("pipeline", ["gen_tokens=0"], "gen_tokens", "e.g. gen_tokens=4"),
 ]
@@ -120,12 +127,14 @@ def test_bad_input_names_the_key_and_the_fix(app: str, overrides: list[str], key
 
 @pytest.mark.parametrize("app, overrides", [
     ("pretrain", []),
-    ("pretrain", [*EP4, "strategy.ep_size=2"]),
-    ("pretrain", ["strategy=expert_parallel", "trainer.devices=2"]),  # ep_size null: one node's processes
+    ("pretrain", [*MESH4, "parallel.ep=2"]),  # dp_shard -1: the rest
+    ("pretrain", [*MESH4, "parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    ("pretrain", ["strategy=expert_parallel", "trainer.devices=2"]),  # ep: one node's processes
     ("pretrain", ["strategy=ddp", "trainer.devices=2", "+strategy.find_unused_parameters=true"]),
     ("pretrain", ["resume=never", "model=350m_prmoe32_64"]),
     ("distill", ["kd=full"]),
-    ("distill", ["kd=none", "student.n_layers=4", *EP4, "strategy.ep_size=4"]),
+    ("distill", ["kd=none", "student.n_layers=4", *EP4]),
+    ("distill", [*MESH4, "parallel.ep=2", "teacher.parallel.ep=4", "teacher.parallel.dp_shard=1"]),
     ("pipeline", []),
     ("pipeline", ["teacher.path={teacher}", "resume=null"]),
 ])

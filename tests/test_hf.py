@@ -96,19 +96,25 @@ def hf_tokenizer(text_file: Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS)
 
 
+@torch.no_grad()
+def spread_from_defaults(model: torch.nn.Module) -> torch.nn.Module:
+    """Norm gains, biases and routers drawn away from their defaults (a conversion that drops or misplaces
+    them shows); routing decisive, with no near-ties between experts."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.uniform_(0.5, 1.5)
+        elif name.endswith(".bias"):
+            p.normal_(0.0, 0.1)
+        elif name.endswith("mlp.gate.weight"):
+            p.normal_(0.0, 0.5)
+    return model
+
+
 def build_checkpoint(family: str, out: Path, tokenizer: PreTrainedTokenizerFast, **config_kw) -> Path:
     """A random transformers model saved with `save_pretrained`. Norm gains, biases and routers are drawn
     away from their defaults so that a conversion that drops or misplaces them shows."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(HF_CONFIGS[family](**config_kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-            elif name.endswith("mlp.gate.weight"):  # decisive routing: no near-ties between experts
-                p.normal_(0.0, 0.5)
+    model = spread_from_defaults(AutoModelForCausalLM.from_config(HF_CONFIGS[family](**config_kw)))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

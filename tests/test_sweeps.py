@@ -32,6 +32,7 @@ def compose(app: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import distill.hydra_errors  # noqa: F401  (registers ${distill.gpus:...}, as every app does)
     from distill.config import register_configs
 
     register_configs()
@@ -39,14 +40,46 @@ def compose(app: str, overrides: list[str]):
         return hydra_compose(config_name=app, overrides=overrides, return_hydra_config=True)
 
 
-def test_slurm_launcher_follows_the_trainer():
+@pytest.mark.parametrize(
+    "accelerator, gpus",
+    [
+        (None, 4),  # the default, auto: Lightning takes the node's GPUs when it has any, so ask for them
+        ("gpu", 4),
+        ("cuda", 4),
+        ("cpu", None),  # SLURM refuses a GPU request on a node without GPUs
+        ("mps", None),
+    ],
+)
+def test_slurm_launcher_follows_the_trainer(accelerator, gpus):
+    overrides = [f"trainer.accelerator={accelerator}"] if accelerator else []
     cfg = compose("distill", ["hydra/launcher=submitit_slurm", "trainer.devices=4", "trainer.num_nodes=2",
-                              "resume=auto"])
+                              "resume=auto", *overrides])
     launcher = cfg.hydra.launcher
-    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, gpus, 2)
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
     assert launcher._target_.endswith("SlurmLauncher")
     check_launcher(cfg)  # consistent: no error
+
+
+@pytest.mark.parametrize("accelerator, gpu_line", [("cpu", None), ("gpu", "#SBATCH --gpus-per-node=2")])
+def test_slurm_sweep_asks_sbatch_for_gpus_only_on_a_gpu_accelerator(tmp_path, accelerator, gpu_line):
+    """A real `-m` run of the app up to sbatch: a stand-in sbatch keeps the batch script and refuses it."""
+    bin_dir, script = tmp_path / "bin", tmp_path / "sbatch.sh"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {script}\necho "sbatch: error: (test) not submitted" >&2\n'
+                                    "exit 1\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit's SLURM executor wants srun on PATH
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.pretrain", "-m", "hydra/launcher=submitit_slurm",
+         f"trainer.accelerator={accelerator}", "trainer.devices=2", "resume=auto", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert "(test) not submitted" in proc.stderr, proc.stderr[-3000:]
+    lines = script.read_text().splitlines()
+    assert "#SBATCH --ntasks-per-node=2" in lines and "#SBATCH --nodes=1" in lines
+    assert [line for line in lines if "gpu" in line or "gres" in line] == ([gpu_line] if gpu_line else [])
 
 
 @pytest.mark.parametrize(

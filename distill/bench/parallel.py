@@ -1,153 +1,182 @@
-"""Expert parallelism on CPU (gloo): training-step time of ep=2 on 2 processes against 1 process, and the
-share of the ep=2 step spent in all-to-all.
+"""Parallel layouts on CPU (gloo, 4 processes standing for 4 devices): memory per rank and step time.
 
-Same global batch and model in every run; a training step is forward, backward, gradient reduction,
-clipping by the full model's norm and an AdamW step (what ExpertParallelStrategy does under Lightning,
-without Lightning's own overhead). Each process stands for one device and uses one thread (one core):
+1. Training state per rank: bytes of the local shards of the parameters, gradients and AdamW state after
+   one step of a model with 16 experts per MoE layer, for one process and for the 4-rank layouts
+   dp_replicate=4 (plain DDP), dp_shard=4 (ZeRO-3), ep=4, ep=2 x dp_shard=2. Exact counts (numel x element
+   size), not resident memory. Goal: the largest rank within 5% of 1/4 of one process's total for the fully
+   sharded layouts.
+2. Loading a teacher exported with `export_model` (`ExportTeacher.load_sharded`) on 4 ranks: the increase of
+   each rank's peak resident memory (VmHWM) over its resident memory just before the load, against loading
+   it whole on one process. Goal: at most (teacher / 4 + its largest tensor) + 10%. Also split, sampled
+   after every slice read: private memory (RssAnon) and the pages of the memory-mapped file (RssFile).
+3. Step time (forward, backward, clipping by the full model's norm, AdamW) on the same global batch: one
+   process against 4 ranks, step by step in turn (rank 0 runs the one-process step while the other ranks
+   wait), wall and CPU time. Every process uses one thread; the 4 ranks share this machine's cores.
 
-    one   1 process:   every expert, the whole global batch
-    dp    2 processes: ep=1, experts replicated (data parallel), half the batch each
-    ep    2 processes: ep=2, each rank holds half of every layer's experts, tokens move by all-to-all
-
-The runs alternate over `rounds` so that a change in the machine's load hits all of them alike. On CPU
-this measures the cost of expert parallelism (all-to-all, regrouping, synchronisation), not the memory
-it saves (each rank holds half of the expert parameters and their optimizer state). The all-to-all time
-includes waiting for the other rank to arrive at the collective.
+Processes: distill/bench/parallel_worker.py (one process per rank, started by `run_ranks`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import struct
 import sys
+import tempfile
 import time
-from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from distill.models import GPT, ModelConfig, lm_loss
-from distill.moe import MoEConfig
-
-D_MODEL, LAYERS, EXPERTS, SEQ, GLOBAL_BATCH, VOCAB = 256, 4, [8, 8], 128, 8, 4096
-MODES = {"one": (1, 1), "dp": (2, 1), "ep": (2, 2)}  # mode -> (processes, ep_size)
-
-
-def model_config() -> ModelConfig:
-    return ModelConfig(
-        name="bench",
-        vocab_size=VOCAB,
-        d_model=D_MODEL,
-        n_layers=LAYERS,
-        n_heads=4,
-        max_seq_len=SEQ,
-        num_experts=EXPERTS,
-        moe=MoEConfig(top_k=1, dropless=True),
-    ).validate()
+WORLD = 4
+LAYOUTS = {  # label -> layout (the `parallel` config node); None: one process
+    "1 process": None,
+    "dp_replicate=4 (DDP)": "dp_replicate=4,dp_shard=1",
+    "dp_shard=4": "dp_shard=4",
+    "ep=4": "ep=4,dp_shard=1",
+    "ep=2 x dp_shard=2": "ep=2,dp_shard=2",
+}
+SHARDED = ("dp_shard=4", "ep=4", "ep=2 x dp_shard=2")  # goal: 1/4 of one process, within 5%
+TIMED = {"ep=2 x dp_shard=2": "ep=2,dp_shard=2", "dp_shard=4": "dp_shard=4"}
+LOAD_LAYOUTS = {"ep=4": "ep=4,dp_shard=1", "dp_shard=4": "dp_shard=4"}
+MB = 1e6
 
 
-def worker(mode: str, steps: int, warmup: int) -> None:
-    """One rank: time `steps` training steps after `warmup`; rank 0 prints a JSON line."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from distill.parallel import (
-        CommTimer,
-        ExpertGroups,
-        clip_grad_norm_expert_parallel,
-        ddp_ignore_experts,
-        reduce_expert_grads,
-        shard_experts,
-    )
-
-    world, ep = MODES[mode]
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = GPT(model_config())
-    ids = torch.randint(VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    timer = CommTimer(enabled=True)
-    shards, rank, net = [], 0, model
-    if world > 1:
-        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-        rank = dist.get_rank()
-        shards = shard_experts(model, ExpertGroups(ep, rank, world, timedelta(seconds=120)), timer)
-        ddp_ignore_experts(model, shards)
-        net = DistributedDataParallel(model)
-    batch = ids.split(GLOBAL_BATCH // world)[rank]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        out = net(batch[:, :-1])
-        (lm_loss(out.logits, batch[:, 1:]) + 0.01 * out.aux_loss).backward()
-        reduce_expert_grads(shards, world)
-        clip_grad_norm_expert_parallel(model.parameters(), 1.0, shards, world)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    times = []
-    for i in range(warmup + steps):
-        if i == warmup:
-            timer.reset()
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times = times[warmup:]
-    if rank == 0:
-        print(
-            json.dumps(
-                {"mode": mode, "times": times, "a2a_s": timer.seconds, "a2a_calls": timer.calls / steps}
-            ),
-            flush=True,
-        )
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def run(mode: str, steps: int, warmup: int) -> dict[str, float]:
+def run(mode: str, args: list[str], world: int, timeout: float = 300) -> Any:
+    """Start the worker on `world` ranks; the JSON line rank 0 printed."""
     from distill.parallel.launch import run_ranks
 
-    world = MODES[mode][0]
-    argv = [sys.executable, "-m", "distill.bench.parallel", "--worker", mode, str(steps), str(warmup)]
-    results = run_ranks(argv, world, timeout=600, threads=1)
-    for code, out in results:
+    argv = [sys.executable, "-m", "distill.bench.parallel_worker", mode, *args]
+    results = run_ranks(argv, world, timeout=timeout, threads=1)
+    for rank, (code, out) in enumerate(results):
         if code != 0:
-            raise RuntimeError(f"bench worker {mode} exited {code}:\n{out[-3000:]}")
-    line = next(x for x in results[0][1].splitlines() if x.startswith("{"))
-    return json.loads(line)
+            raise RuntimeError(f"bench worker `{mode}` rank {rank} exited {code}:\n{out[-3000:]}")
+    return json.loads(next(x for x in results[0][1].splitlines() if x.startswith("{")))
 
 
-def main(steps: int = 10, warmup: int = 2, rounds: int = 2) -> None:
-    cfg = model_config()
-    print(
-        f"GPT d={D_MODEL} layers={LAYERS} experts={EXPERTS} top-1 dropless, global batch {GLOBAL_BATCH}x{SEQ} "
-        f"tokens, gloo on CPU, 1 thread per process; median of {rounds}x{steps} steps, runs alternated"
-    )
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    a2a_s, a2a_calls = 0.0, 0.0
-    for _ in range(rounds):
-        for mode in MODES:
-            r = run(mode, steps, warmup)
-            times[mode] += r["times"]
-            if mode == "ep":
-                a2a_s, a2a_calls = a2a_s + r["a2a_s"], r["a2a_calls"]
-    one, dp, ep = (statistics.median(times[m]) for m in MODES)
-    share = a2a_s / sum(times["ep"])
-    print(f"  1 process            {1e3 * one:8.1f} ms/step")
-    print(f"  2 processes, ep=1    {1e3 * dp:8.1f} ms/step  ({dp / one:.2f}x one process)")
-    print(
-        f"  2 processes, ep=2    {1e3 * ep:8.1f} ms/step  ({ep / one:.2f}x one process, {ep / dp:.2f}x ep=1)"
-    )
-    print(
-        f"  all-to-all share of the ep=2 step: {100 * share:.1f}% "
-        f"({1e3 * a2a_s / len(times['ep']):.1f} ms/step in {a2a_calls:.0f} calls, forward+backward)"
-    )
-    experts = sum(p.numel() for layer in GPT(cfg).moe_layers for p in layer.experts.parameters())
-    print(f"  expert parameters per rank: {experts:,} at ep=1, {experts // 2:,} at ep=2")
+def export_teacher(out_dir: Path) -> dict[str, int]:
+    """Export a random teacher to `out_dir`; its tensors' bytes (total, largest) from the file's header."""
+    import torch
+
+    from distill.bench.parallel_worker import teacher_config
+    from distill.export import WEIGHTS, export_model
+    from distill.models import GPT
+
+    cfg = teacher_config()
+    torch.manual_seed(0)
+    export_model(GPT(cfg), cfg, out_dir)
+    with open(out_dir / WEIGHTS, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    sizes = [e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__"]
+    return {"total": sum(sizes), "largest": max(sizes), "tensors": len(sizes)}
+
+
+def kb_to_mb(kb: int) -> float:
+    return kb * 1024 / MB
+
+
+def goal_text(label: str, ratio: float) -> str:
+    if label in SHARDED:
+        off = ratio / 0.25 - 1
+        return f"1/4 within 5%: {'yes' if abs(off) <= 0.05 else 'NO'} ({off:+.1%})"
+    return "" if LAYOUTS[label] is None else "(replicated: 1.0)"
+
+
+def print_bytes(one: dict[str, int], train: list[dict[str, Any]]) -> None:
+    total_one = sum(one.values())
+    print(f"\n1. Training state per rank after one step: local shards of params + grads + AdamW state (exact "
+          f"bytes), the largest of {WORLD} ranks")
+    print(f"  {'layout':22s} {'params':>9s} {'grads':>9s} {'AdamW':>9s} {'total':>9s}  {'/ 1 process':>11s}  goal")
+    for label, layout in LAYOUTS.items():
+        rows = [one] if layout is None else [r[layout]["bytes"] for r in train]
+        worst = max(rows, key=lambda b: sum(b.values()))
+        total = sum(worst.values())
+        cells = " ".join(f"{worst[k] / MB:7.1f}MB" for k in ("params", "grads", "optim"))
+        print(f"  {label:22s} {cells} {total / MB:7.1f}MB  {total / total_one:11.3f}  "
+              f"{goal_text(label, total / total_one)}")
+        spread = sorted(sum(b.values()) / MB for b in rows)
+        if spread[0] != spread[-1]:
+            print(f"  {'':22s} ranks hold {spread[0]:.2f} .. {spread[-1]:.2f} MB")
+
+
+def print_load(teacher: dict[str, int], one_load: dict[str, int], loads: dict[str, list[dict[str, int]]]) -> None:
+    total, largest = teacher["total"], teacher["largest"]
+    goal = 1.1 * (total / WORLD + largest)
+    print(f"\n2. Loading the teacher: {total / MB:.1f} MB in float32 ({teacher['tensors']} tensors, largest "
+          f"{largest / MB:.1f} MB); goal per rank: (teacher/4 + largest) + 10% = {goal / MB:.1f} MB")
+    print("  increase over the RSS just before the load (torch and the loading code imported, process group and "
+          "meshes made);\n  private / file-mapped: RssAnon / RssFile, sampled after every slice read")
+    print(f"  {'':36s} {'peak RSS':>10s} {'private':>10s} {'file-mapped':>11s} {'shards held':>11s}  goal met by")
+    inc = kb_to_mb(one_load["peak_kb"] - one_load["base_kb"])
+    print(f"  {'whole, 1 process (load)':36s} {inc:+7.1f} MB {'':>10s} {'':>11s} {total / MB:8.1f} MB  "
+          f"({inc * MB / total:.2f}x the teacher; baseline {kb_to_mb(one_load['base_kb']):.0f} MB)")
+    for label, ranks in loads.items():
+        incs = [kb_to_mb(r["peak_kb"] - r["base_kb"]) for r in ranks]
+        anon = max(kb_to_mb(r["anon_kb"]) for r in ranks)
+        file = max(kb_to_mb(r["file_kb"]) for r in ranks)
+        held = max(r["held"] for r in ranks) / MB
+        verdict = (f"peak RSS: {'yes' if max(incs) * MB <= goal else 'NO'}, "
+                   f"private: {'yes' if anon * MB <= goal else 'NO'}")
+        print(f"  {label + ', 4 ranks (load_sharded)':36s} {max(incs):+7.1f} MB {anon:+7.1f} MB {file:+8.1f} MB "
+              f"{held:8.1f} MB  {verdict}")
+        print(f"  {'':36s} peak RSS per rank: {', '.join(f'{x:+.0f}' for x in incs)} MB "
+              f"(baseline {kb_to_mb(ranks[0]['base_kb']):.0f} MB)")
+    print("  note: safetensors memory-maps the file; the pages of it a rank touches (whole page-cache folios, so "
+          "more than its\n  slices) count in its RSS until load_sharded closes the file: shared, clean page cache, "
+          "not private memory.")
+
+
+def print_times(train: list[dict[str, Any]], steps: int, warmup: int) -> None:
+    from distill.bench import median_ratio
+    from distill.bench.parallel_worker import GLOBAL_BATCH, SEQ
+
+    cores = os.cpu_count() or 1
+    print(f"\n3. Step time (fwd + bwd + clip + AdamW), global batch {GLOBAL_BATCH}x{SEQ} tokens, median of {steps} "
+          f"steps after {warmup} warm-up, 1 thread per process;\n  each 4-rank step follows a one-process step "
+          "(rank 0 alone, the others idle), ratios: median over those pairs")
+    rows, one_wall, one_cpu = [], [], []
+    for label, layout in TIMED.items():
+        per_rank = [r[layout]["times"] for r in train]  # [rank][step] = [wall, cpu, (one wall, one cpu)]
+        wall = [max(r[s][0] for r in per_rank) for s in range(steps)]
+        cpu = [sum(r[s][1] for r in per_rank) for s in range(steps)]
+        ow, oc = [t[2] for t in per_rank[0]], [t[3] for t in per_rank[0]]
+        one_wall += ow
+        one_cpu += oc
+        rows.append(f"  {label + ', 4 ranks':28s} {1e3 * statistics.median(wall):7.1f} ms/step   CPU "
+                    f"{1e3 * statistics.median(cpu):7.1f} ms/step (sum over ranks)   wall {median_ratio(wall, ow):.2f}x, "
+                    f"CPU {median_ratio(cpu, oc):.2f}x one process")
+    print(f"  {'1 process':28s} {1e3 * statistics.median(one_wall):7.1f} ms/step   CPU "
+          f"{1e3 * statistics.median(one_cpu):7.1f} ms/step")
+    print("\n".join(rows))
+    sharing = f"oversubscribed {WORLD / cores:.1f}x" if cores < WORLD else "one core each"
+    print(f"  note: {cores} cores for {WORLD} ranks ({sharing}): with no parallel overhead the 4-rank wall time "
+          f"would be {1 / min(WORLD, cores):.2f}x one process\n  here ({1 / WORLD:.2f}x on {WORLD} devices). Wall "
+          "times are noisy on a shared machine. The CPU time summed over the ranks\n  against one process is the "
+          "work the layout adds (collectives, gathers, regrouping, smaller matmuls): 1.00x would be free.")
+
+
+def main(steps: int = 8, warmup: int = 2) -> None:
+    from distill.bench.parallel_worker import bench_config, teacher_config
+
+    t0 = time.perf_counter()
+    cfg, tcfg = bench_config(), teacher_config()
+    print(f"gloo on CPU, {WORLD} ranks = {WORLD} processes of one thread each. Model: d={cfg.d_model} "
+          f"layers={cfg.n_layers} experts={cfg.num_experts} top-{cfg.moe.top_k} dropless vocab={cfg.vocab_size}; "
+          f"teacher: d={tcfg.d_model} layers={tcfg.n_layers} experts={tcfg.num_experts}", flush=True)
+    layouts = [layout for layout in LAYOUTS.values() if layout is not None]
+    with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
+        teacher_dir = Path(tmp) / "teacher"
+        teacher = export_teacher(teacher_dir)
+        one = run("one", [str(teacher_dir)], 1)
+        train = run("train", [";".join(layouts), ";".join(TIMED.values()), str(steps), str(warmup)], WORLD)["ranks"]
+        print_bytes(one["bytes"], train)
+        loads = {label: run("load", [str(teacher_dir), layout], WORLD)["ranks"]
+                 for label, layout in LOAD_LAYOUTS.items()}
+        print_load(teacher, one["load"], loads)
+    print_times(train, steps, warmup)
+    print(f"\n  ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-    else:
-        main()
+    main()

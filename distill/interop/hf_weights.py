@@ -3,12 +3,17 @@
 Weights convert from and to the in-memory layout of the transformers modules (stacked experts
 ``gate_up_proj`` [E, 2f, d] = [gate | up] and ``down_proj`` [E, d, f]); transformers itself reads and
 writes the hub's file layout. One table of rules (`weight_rules`) drives both directions.
+
+`hf_file_tensors` applies the same rules to the files themselves, lazily: a sharded teacher reads each of
+its regions straight from the safetensors files, which store experts one by one (``experts.<j>.w1`` /
+``gate_proj`` ...; Mixtral under ``block_sparse_moe``) or already stacked.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +25,12 @@ from distill.models import GPT, ModelConfig
 # q/k/v, SwiGLU [gate | up]); "t" = dims 1 and 2 swapped (stacked experts); "rows" = may keep only the
 # first rows of the transformers tensor (vocabulary padding, experts a student does not keep).
 Rule = tuple[str, tuple[str, ...], str]
+
+if TYPE_CHECKING:
+    from distill.parallel.load import LazyTensor, SafetensorsFiles
+
+# the files' per-expert names of the stacked in-memory expert tensors (Mixtral's, then Qwen2-MoE's)
+EXPERT_FILE_NAMES = {"gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")), "down_proj": (("w2",), ("down_proj",))}
 
 
 def weight_rules(cfg: ModelConfig) -> list[Rule]:
@@ -130,3 +141,61 @@ def hf_from_gpt(model: GPT, base: Any = None) -> torch.nn.Module:
     hf_model.to(next(model.parameters()).dtype)
     hf_model.load_state_dict(state_to_hf(model.state_dict(), model.cfg, hf_model.state_dict()), strict=True)
     return hf_model.eval()
+
+
+def _file_tensor(key: str, files: SafetensorsFiles, used: set[str]) -> LazyTensor | None:
+    """The transformers in-memory tensor `key` as stored in `files`: under its own name, under Mixtral's
+    ``block_sparse_moe`` module name, or (stacked experts) as one tensor per expert (fused [gate | up])."""
+    from distill.parallel.load import Cat, Stack
+
+    for name in (key, key.replace(".mlp.", ".block_sparse_moe.", 1)):
+        if name in files:
+            used.add(name)
+            return files.tensor(name)
+    m = re.fullmatch(r"(.*)\.mlp\.experts\.(gate_up_proj|down_proj)", key)
+    for module in ("mlp", "block_sparse_moe") if m else ():
+        for names in EXPERT_FILE_NAMES[m[2]]:
+            stem = f"{m[1]}.{module}.experts."
+            experts, j = [], 0
+            while all(f"{stem}{j}.{n}.weight" in files for n in names):
+                parts = [f"{stem}{j}.{n}.weight" for n in names]
+                used.update(parts)
+                experts.append(Cat([files.tensor(k) for k in parts]) if len(parts) > 1 else files.tensor(parts[0]))
+                j += 1
+            if experts:
+                return Stack(experts)
+    return None
+
+
+def hf_file_tensors(cfg: ModelConfig, files: SafetensorsFiles, key: str = "teacher.path") -> dict[str, LazyTensor]:
+    """Our GPT's tensors (for `cfg`, converted from the checkpoint's config) as lazy views of a Hugging Face
+    checkpoint's safetensors files: `weight_rules` applied region by region, nothing read yet. A missing
+    tensor, a shape that does not fit, or a stored tensor no rule uses is a ConfigError naming `key`."""
+    from distill.parallel.load import Cat, Transposed
+
+    with torch.device("meta"):
+        targets = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    out: dict[str, LazyTensor] = {}
+    used: set[str] = set()
+    for ours, theirs, how in weight_rules(cfg):
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            used.add("lm_head.weight")  # some tied checkpoints store the head as well; ours is the embedding
+            continue
+        parts = []
+        for name in theirs:
+            part = _file_tensor(name, files, used)
+            if part is None:
+                raise ConfigError(key, f"the checkpoint's files lack {name} (an unexpected layout).")
+            parts.append(part)
+        value = Cat(parts) if how == "cat" else Transposed(parts[0], 1, 2) if how == "t" else parts[0]
+        want, got = targets[ours], tuple(value.shape)
+        fits = got == want or (how in ("rows", "t") and got[1:] == want[1:] and got[0] >= want[0])
+        if not fits:
+            raise ConfigError(key, f"its {theirs[0]} (as {got}) does not fit our `{ours}` of shape {want}.")
+        out[ours] = value
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]
+    unused = sorted(set(files.keys()) - used)
+    if unused:
+        raise ConfigError(key, f"the checkpoint has weights our model has no place for: {unused[:3]}.")
+    return out

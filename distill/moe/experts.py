@@ -46,8 +46,8 @@ class GroupedExperts(nn.Module):
     """This process's routed experts: `w_in` [E_local, d, f or 2f], `w_out` [E_local, f, d].
 
     `expert_offset` is the global id of local expert 0; expert parallelism keeps a dim-0 slice of each
-    parameter (`distill.parallel.shard.shard_experts`). Every expert parameter lives in a module of this
-    class, so a strategy can find them (isinstance, or names containing ``experts.``) and keep them out of DDP.
+    parameter as a DTensor (`distill.parallel.parallelize.shard_experts`, which also swaps the local tensors
+    in for the forward). Every expert parameter lives in a module of this class, so a layout can find them.
     """
 
     def __init__(

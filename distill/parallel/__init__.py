@@ -1,34 +1,31 @@
-"""Expert parallelism: process groups, all-to-all token dispatch, expert sharding, gradient reduction and
-checkpoint conversion, and the Lightning strategy that applies them (docs/architecture.md; usage in
-README.md, "Expert parallelism"). The other pieces are imported from their modules (groups, dispatch,
-shard, grads, launch).
+"""Parallel layouts on a device mesh: the `parallel` config node, meshes, `parallelize` (expert parallelism
+and FSDP2), all-to-all token dispatch, gradient norms over the mesh, distributed checkpoints, sharded
+loading from safetensors, and the Lightning strategy that applies them (docs/architecture.md; usage in
+README.md, "Parallel layouts"). The pieces are imported from their modules.
 
 The strategy (and with it Lightning) is imported on first use, so the pieces load with torch alone.
-Select it with the Hydra config `strategy=expert_parallel` or pass an `ExpertParallelStrategy` to the
-Trainer; it is not registered under a name in Lightning's StrategyRegistry.
+Select it with the Hydra config `strategy=mesh` (or the named layout `strategy=expert_parallel`); it is
+not registered under a name in Lightning's StrategyRegistry.
 """
 
 from typing import Any
 
-from distill.parallel.dispatch import CommTimer
-from distill.parallel.grads import clip_grad_norm_expert_parallel, reduce_expert_grads
-from distill.parallel.groups import ExpertGroups
-from distill.parallel.shard import ddp_ignore_experts, shard_experts
+from distill.parallel.config import ParallelConfig
 
-__all__ = [
-    "CommTimer",
-    "ExpertGroups",
-    "ExpertParallelStrategy",
-    "clip_grad_norm_expert_parallel",
-    "ddp_ignore_experts",
-    "reduce_expert_grads",
-    "shard_experts",
-]
+__all__ = ["MeshStrategy", "ParallelConfig", "ParallelMesh", "parallelize"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ExpertParallelStrategy":
-        from distill.parallel.strategy import ExpertParallelStrategy
+    if name == "MeshStrategy":
+        from distill.parallel.strategy import MeshStrategy
 
-        return ExpertParallelStrategy
+        return MeshStrategy
+    if name == "ParallelMesh":
+        from distill.parallel.mesh import ParallelMesh
+
+        return ParallelMesh
+    if name == "parallelize":
+        from distill.parallel.parallelize import parallelize
+
+        return parallelize
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

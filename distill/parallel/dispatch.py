@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 
 class CommTimer:
@@ -46,34 +47,19 @@ class CommTimer:
         self.calls += 1
 
 
-def all_to_all(
-    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup, timer: CommTimer | None
-) -> torch.Tensor:
-    """Rows of `x` (in_splits[i] of them for group rank i) -> rows received (out_splits[i] from rank i)."""
-    x = x.contiguous()
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    call = lambda: dist.all_to_all_single(out, x, out_splits, in_splits, group=group)  # noqa: E731
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,
+               timer: CommTimer | None, differentiable: bool = True) -> torch.Tensor:
+    """Rows of `x` (in_splits[i] of them for group rank i) -> rows received (out_splits[i] from rank i), with
+    the functional collective (`all_to_all_single_autograd`: its backward is the reverse all-to-all, which
+    every rank enters even when it received nothing)."""
+    fn = funcol.all_to_all_single_autograd if differentiable else funcol.all_to_all_single
+    result: list[torch.Tensor] = []
+    call = lambda: result.append(funcol.wait_tensor(fn(x.contiguous(), out_splits, in_splits, group)))  # noqa: E731
     if timer is None:
         call()
     else:
         timer.run(call, x.device)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    """Differentiable all-to-all: the backward sends the gradients back along the reverse splits."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                group: dist.ProcessGroup, timer: CommTimer | None) -> torch.Tensor:
-        ctx.splits = (out_splits, in_splits)
-        ctx.group, ctx.timer = group, timer
-        return all_to_all(x, out_splits, in_splits, group, timer)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        out_splits, in_splits = ctx.splits
-        return all_to_all(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None
+    return result[0]
 
 
 def source_to_expert_order(recv_counts: torch.Tensor, total: int) -> torch.Tensor:
@@ -127,10 +113,10 @@ class AllToAllDispatcher:
     def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _Handle]:
         send_counts = counts.view(self.group_size, self.num_local).contiguous()
         ones = [1] * self.group_size  # row i: the counts for group rank i's experts
-        recv_counts = all_to_all(send_counts, ones, ones, self.group, self.timer)
+        recv_counts = all_to_all(send_counts, ones, ones, self.group, self.timer, differentiable=False)
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
-        received = _AllToAll.apply(tokens, recv_splits, send_splits, self.group, self.timer)
+        received = all_to_all(tokens, recv_splits, send_splits, self.group, self.timer)
         order = source_to_expert_order(recv_counts, sum(recv_splits))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -139,4 +125,4 @@ class AllToAllDispatcher:
 
     def combine(self, expert_out: torch.Tensor, handle: _Handle) -> torch.Tensor:
         back = _Permute.apply(expert_out, handle.inverse, handle.order)  # source-major again
-        return _AllToAll.apply(back, handle.send_splits, handle.recv_splits, self.group, self.timer)
+        return all_to_all(back, handle.send_splits, handle.recv_splits, self.group, self.timer)

@@ -1,8 +1,7 @@
-"""Gradients of expert-sharded layers: the reduction over the expert-data-parallel groups and clipping by
-the norm of the full model (the layers were sharded by `distill.parallel.shard.shard_experts`).
+"""Gradient work that spans the mesh: clipping by the norm of the full model, and the aux-loss-free
+balancing counts summed over the data-parallel ranks.
 
-Every rank of a group enters every collective of that group, in the same order, whatever its data
-(missing gradients count as zeros), or a rank waits forever.
+Every rank enters every collective here, in the same order, whatever its data.
 """
 
 from __future__ import annotations
@@ -12,60 +11,62 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from distill.parallel.shard import ExpertShard
-
-
-@torch.no_grad()
-def reduce_expert_grads(shards: Iterable[ExpertShard], world_size: int) -> None:
-    """Sum expert gradients over each expert-data-parallel group, then divide by the world size.
-
-    Each rank's gradient already sums the contributions of every rank of its expert-parallel group (the
-    all-to-all backward brings them home), so the result equals data parallelism with replicated experts,
-    where DDP averages over all W ranks. One flat all-reduce per group (and dtype); missing gradients
-    count as zeros so that every rank enters every all-reduce.
-    """
-    buckets: dict[tuple[int, torch.dtype], tuple[dist.ProcessGroup | None, list[nn.Parameter]]] = {}
-    for s in shards:
-        for _, p in s.named_parameters():
-            if p.requires_grad:
-                buckets.setdefault((s.layout.group_size, p.dtype), (s.edp_group, []))[1].append(p)
-    for group, params in buckets.values():
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.flatten() for p in params])
-        if group is not None:
-            dist.all_reduce(flat, group=group)
-        flat /= world_size
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
+from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm_expert_parallel(
-    params: Iterable[torch.Tensor], max_norm: float, shards: Iterable[ExpertShard], world_size: int
-) -> torch.Tensor:
-    """Clip gradients by the global norm of the full model (each expert counted once), like
-    `torch.nn.utils.clip_grad_norm_` on one process holding everything; returns that norm.
+def total_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients of the full model (every element counted once, wherever it is held).
 
-    Non-expert gradients are equal on every rank (DDP); a layer's experts are spread over g ranks and
-    each is held by W/g ranks, so weighting local expert squares by g/W and summing over the world
-    counts each expert once. One all-reduce (a scalar) per call, entered by every rank.
+    DTensor gradients are grouped by mesh and placements; each group's norm is a DTensor whose
+    `full_tensor` reduces exactly over the dimensions it is sharded on (replicas are not counted twice).
     """
-    params = [p for p in params if p.grad is not None]
-    weight = {id(p): s.layout.group_size / world_size for s in shards for _, p in s.named_parameters()}
-    device = params[0].grad.device if params else torch.device("cpu")
-    dense_sq = torch.zeros((), device=device)
-    expert_sq = torch.zeros((), device=device)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    plain: list[torch.Tensor] = []
     for p in params:
-        sq = p.grad.detach().float().square().sum()
-        if id(p) in weight:
-            expert_sq += weight[id(p)] * sq
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            groups.setdefault((id(g.device_mesh), g.placements), []).append(g)
         else:
-            dense_sq += sq
-    if world_size > 1:
-        dist.all_reduce(expert_sq)
-    total = (dense_sq + expert_sq).sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+            plain.append(g)
+    squares: list[torch.Tensor] = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        squares.append(norm.full_tensor().float().square())
+    if plain:
+        squares.append(torch.nn.utils.get_total_norm(plain, 2.0).float().square())
+    if not squares:
+        return torch.zeros(())
+    return torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip like `torch.nn.utils.clip_grad_norm_` on one process holding the whole model; returns the norm."""
+    params = [p for p in params if p.grad is not None]
+    total = total_grad_norm(params)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.item() if isinstance(p.grad, DTensor) else coef.to(p.grad.device))
     return total
+
+
+def balance_count_buffers(root: nn.Module) -> list[torch.Tensor]:
+    """The aux-loss-free balancing counts of every MoE router under `root` (routers with a bias only)."""
+    from distill.moe import Router
+
+    return [m.balance_counts for m in root.modules() if isinstance(m, Router) and m.balance_bias is not None]
+
+
+@torch.no_grad()
+def all_reduce_balance_counts(root: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Sum the balancing counts over the data-parallel ranks (all ranks), so that every rank moves its
+    router bias by the global load. Entered by every rank."""
+    counts = balance_count_buffers(root)
+    if counts and dist.is_initialized() and dist.get_world_size(group) > 1:
+        flat = torch.cat(counts)
+        dist.all_reduce(flat, group=group)
+        for buf, total in zip(counts, flat.split([c.numel() for c in counts])):
+            buf.copy_(total)

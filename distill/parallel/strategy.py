@@ -1,223 +1,252 @@
-"""`ExpertParallelStrategy`: Lightning's DDP strategy plus expert parallelism (docs/architecture.md; usage
-in README.md, "Expert parallelism").
+"""`MeshStrategy`: Lightning's `ModelParallelStrategy` with the layout of a `parallel` config node
+(docs/architecture.md, "Parallel layouts"; usage in README.md).
 
-What it adds to DDP, in the order Lightning calls it:
+What it adds, in the order Lightning calls it:
 
-- `_configure_launcher` / `connect`: ConfigError for a bad layout (world size not divisible by
-  `ep_size`, experts not divisible by a layer's group size) before any process group exists;
-- `setup_environment`: the process group, then the expert-parallel and expert-data-parallel groups;
-- `setup`: every MoE layer keeps its slice of the experts and gets an all-to-all dispatcher; expert
-  parameters are kept out of DDP; replicas are made equal; the teacher of a `DistillModule` is sharded
-  the same way when it is loaded (the strategy wraps `module.teacher_loader`);
-- `optimizer_step`: after the backward, expert gradients are summed over their EDP group and divided
-  by the world size (and aux-loss-free balancing counts are summed over all ranks); gradient
-  clipping uses the norm of the full model;
-- checkpoints hold the full expert tensors (saving gathers them, loading slices them), model and
-  optimizer state alike, so a run saved with one layout resumes with any other;
-- `teardown`: the full experts are gathered back, so after `fit` the module is an ordinary
-  one-process model (export, parameter counts).
+- `_configure_launcher` / `connect`: ConfigError for a layout that does not fit the world, or experts that
+  do not split, before any process group exists;
+- `setup_environment`: the process group and the `ParallelMesh` (no `configure_model` hook needed);
+- `setup`: `parallelize(module.model, mesh)`: experts sharded over `ep`, FSDP2 over the data-parallel
+  ranks; a DistillModule's teacher is laid out on its own mesh (`teacher_layout`) when it is loaded,
+  reading only this rank's slices when its loader can (`teachers.base.TeacherLoader.sharded`);
+- `optimizer_step`: the aux-loss-free balancing counts are summed over all ranks before the bias moves;
+  gradient clipping uses the norm of the full model;
+- checkpoints: DCP directories written atomically by every rank (its own shards only); any layout resumes
+  them, and a one-process `.ckpt` file too.
 
-Select it from Hydra with `strategy=expert_parallel` (conf/strategy/expert_parallel.yaml: its `_target_`
-names this class), or pass an instance to `lightning.Trainer(strategy=...)`. It is deliberately not
-registered under a name in Lightning's StrategyRegistry: a registration made as an import side effect is
-missing in a process that unpickles a job (submitit) without importing this module first.
+Select it from Hydra with `strategy=mesh` (the layout is the `parallel` node) or `strategy=expert_parallel`
+(a named layout: the experts over the devices of a node). It is not registered in Lightning's
+StrategyRegistry: a registration made as an import side effect is missing in a process that unpickles a
+job (submitit) without importing this module first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any, Literal
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from distill.parallel.dispatch import CommTimer
-from distill.parallel.grads import clip_grad_norm_expert_parallel, reduce_expert_grads
-from distill.parallel.groups import ExpertGroups, check_world, default_ep_size
-from distill.parallel.shard import (
-    ExpertShard,
-    all_reduce_balance_counts,
-    broadcast_expert_replicas,
-    check_moe_layers,
-    consolidate_optimizer_state,
-    consolidate_state_dict,
-    ddp_ignore_experts,
-    shard_experts,
-    slice_optimizer_state,
-    slice_state_dict,
-    unshard_experts,
+from distill.errors import ConfigError, NonFiniteError
+from distill.parallel.checkpoint import (
+    architecture_mismatch,
+    inspect_sharded,
+    is_sharded_checkpoint,
+    load_sharded,
+    save_sharded,
 )
-
-NAME = "expert_parallel"
+from distill.parallel.config import ParallelConfig, parallel_config
+from distill.parallel.dispatch import CommTimer
+from distill.parallel.grads import all_reduce_balance_counts, clip_grad_norm_
+from distill.parallel.mesh import ParallelMesh
+from distill.parallel.parallelize import check_moe_layers, is_parallelized, parallelize, parallelize_frozen
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
-def _held(shards: list[ExpertShard]) -> str:
-    held = sum(p.numel() for s in shards for _, p in s.named_parameters())
-    total = sum(p.numel() * s.layout.group_size for s in shards for _, p in s.named_parameters())
-    return f"rank 0 holds {held:,} of {total:,}"
-
-
-class ShardingTeacherLoader:
-    """Wraps a module's `teacher_loader`: the loaded teacher keeps only this rank's experts."""
-
-    def __init__(self, loader: Callable[[], nn.Module], shard: Callable[[nn.Module], nn.Module]):
-        self.inner = loader
-        self.shard = shard
-
-    def __call__(self) -> nn.Module:
-        return self.shard(self.inner())
-
-
-class ExpertParallelStrategy(DDPStrategy):
-    """DDP for the dense parameters, expert parallelism of size `ep_size` for the routed experts.
+class MeshStrategy(ModelParallelStrategy):
+    """FSDP2 + expert parallelism (+ HSDP) on one device mesh.
 
     Args:
-        ep_size: ranks sharing one MoE layer's experts; must divide the world size. None: the
-            processes of one node (`trainer.devices`).
-        timeout_s: timeout of every process group, in seconds (short in tests; a hung collective
-            then fails instead of waiting for Lightning's default 30 minutes).
-        start_method: how Lightning starts local processes ("popen" re-runs the script, "spawn", ...).
-        **kwargs: the rest of `DDPStrategy`'s arguments (process_group_backend, cluster_environment,
-            find_unused_parameters, ...).
+        layout: the `parallel` node (`ParallelConfig` or a mapping): dp_replicate, dp_shard, ep (-1: the rest).
+        teacher_layout: the teacher's own layout (`teacher.parallel`); None: the student's.
+        timeout_s: timeout of every process group, in seconds (short in tests: a hung collective then fails).
+        process_group_backend: "gloo", "nccl" (default: the accelerator's).
     """
 
-    strategy_name = NAME
-
-    def __init__(
-        self,
-        ep_size: int | None = None,
-        timeout_s: float | None = None,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, layout: ParallelConfig | Mapping[str, Any] | None = None,
+                 teacher_layout: ParallelConfig | Mapping[str, Any] | None = None,
+                 timeout_s: float | None = None, process_group_backend: str | None = None) -> None:
         timeout = timedelta(seconds=timeout_s) if timeout_s is not None else default_pg_timeout
-        super().__init__(timeout=timeout, start_method=start_method, **kwargs)
-        self._ep_size = ep_size
+        super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend,
+                         timeout=timeout)
+        self._layout_cfg = parallel_config(layout or {}, "parallel")
+        self._teacher_cfg = None if teacher_layout is None else parallel_config(teacher_layout, "teacher.parallel")
+        self.layout: ParallelConfig | None = None
+        self.teacher_layout: ParallelConfig | None = None
+        self.mesh: ParallelMesh | None = None
+        self._teacher_mesh: ParallelMesh | None = None
         self.comm_timer = CommTimer()
-        self.expert_groups: ExpertGroups | None = None
-        self.shards: list[ExpertShard] = []  # the student's MoE layers while they are sharded
-        self._failed = False
-
-    @property
-    def ep_size(self) -> int:
-        return self._ep_size if self._ep_size is not None else default_ep_size(self.num_processes)
 
     # -- layout checks, before any process group work ---------------------------------------------
 
+    def _resolve_layouts(self) -> None:
+        world = self.num_nodes * self.num_processes
+        self.layout = self._layout_cfg.resolve(world, "parallel")
+        self.teacher_layout = (self._teacher_cfg or self._layout_cfg).resolve(
+            world, "teacher.parallel" if self._teacher_cfg else "parallel")
+
     def _configure_launcher(self) -> None:
-        check_world(self.num_nodes * self.num_processes, self.ep_size)
+        self._resolve_layouts()
         super()._configure_launcher()
 
     def connect(self, model: LightningModule) -> None:
-        check_moe_layers(model, self.ep_size)  # the world was checked in _configure_launcher
+        if self.layout is None:
+            self._resolve_layouts()
+        assert self.layout is not None
+        inner = getattr(model, "model", None)
+        if isinstance(inner, nn.Module) and not is_parallelized(inner):
+            check_moe_layers(inner, self.layout.ep)
         super().connect(model)
 
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        self.expert_groups = ExpertGroups(self.ep_size, self.global_rank, self.world_size, self._timeout)
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}  # every rank reads its own batch
 
-    # -- sharding -----------------------------------------------------------------------------------
+    def setup_environment(self) -> None:
+        self._setup_distributed()
+        if self.layout is None:
+            self._resolve_layouts()
+        assert self.layout is not None and self.teacher_layout is not None
+        device = self.root_device.type
+        self.mesh = ParallelMesh(self.layout, device)
+        self._teacher_mesh = (self.mesh if self.teacher_layout == self.layout
+                              else ParallelMesh(self.teacher_layout, device))
+        self._device_mesh = self.mesh.dense
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    # -- layout -----------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
-        self._failed = False
         module = self.lightning_module
-        assert module is not None and self.expert_groups is not None
-        self.shards = shard_experts(module, self.expert_groups, self.comm_timer)
-        ddp_ignore_experts(module, self.shards)
-        if self.shards:
-            rank_zero_info(
-                f"{NAME}: ep_size={self.ep_size}, world {self.world_size}; MoE layers with "
-                f"{[s.layout.num_experts for s in self.shards]} experts in groups of "
-                f"{[s.layout.group_size for s in self.shards]} ranks; {_held(self.shards)} expert parameters."
-            )
+        assert module is not None and self.mesh is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        model = module.model
+        if not is_parallelized(model):
+            parallelize(model.to(self.root_device), self.mesh, timer=self.comm_timer)
+            held = sum(p.to_local().numel() for p in model.parameters())
+            rank_zero_info(f"mesh: {self.layout.describe()} over {self.world_size} ranks; rank 0 holds "
+                           f"{held:,} of {model.num_params():,} parameters.")
         self._wrap_teacher(module)
-        super().setup(trainer)
-        if self.shards:
-            self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # the full model's norm
-
-    def model_to_device(self) -> None:
-        super().model_to_device()
-        broadcast_expert_replicas(self.shards)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # the full model's norm
 
     def _wrap_teacher(self, module: LightningModule) -> None:
-        """Shard a DistillModule's teacher when it is loaded (and now, if it is loaded already)."""
+        """A DistillModule's teacher is laid out on the teacher mesh when it is loaded."""
         loader = getattr(module, "teacher_loader", None)
-        if loader is not None and not isinstance(loader, ShardingTeacherLoader):
-            module.teacher_loader = ShardingTeacherLoader(loader, self.shard_teacher)
-        teacher = getattr(module, "teacher", None)
-        if isinstance(teacher, nn.Module):
-            self.shard_teacher(teacher)
+        if loader is None or getattr(loader, "_mesh_strategy", False):
+            return
+        module.teacher_loader = _TeacherOnMesh(loader, self)
 
-    def _unwrap_teacher(self, module: LightningModule | None) -> None:
-        loader = getattr(module, "teacher_loader", None)
-        if isinstance(loader, ShardingTeacherLoader):
-            module.teacher_loader = loader.inner
-
-    def shard_teacher(self, teacher: nn.Module) -> nn.Module:
-        """Keep this rank's slice of a frozen model's experts (no gradients, no replica sync needed:
-        every rank loaded the same weights). It stays sharded after the run (it is never saved)."""
-        assert self.expert_groups is not None
-        shards = shard_experts(teacher, self.expert_groups, self.comm_timer, what="the teacher's MoE layer")
-        if shards:
-            rank_zero_info(f"{NAME}: teacher loaded; {_held(shards)} of its expert parameters.")
+    def load_teacher(self, loader: Callable[[], nn.Module]) -> nn.Module:
+        """The teacher on its mesh: read slice by slice when the loader can, else loaded whole and sharded."""
+        assert self._teacher_mesh is not None and self.teacher_layout is not None
+        sharded = getattr(loader, "sharded", None)
+        if callable(sharded):
+            teacher = sharded(self._teacher_mesh)
+        else:
+            teacher = parallelize_frozen(loader().to(self.root_device), self._teacher_mesh, timer=self.comm_timer)
+        held = sum(p.to_local().numel() for p in teacher.parameters())
+        rank_zero_info(f"mesh: teacher loaded at {self.teacher_layout.describe()}; rank 0 holds {held:,} of "
+                       f"{sum(p.numel() for p in teacher.parameters()):,} of its parameters.")
         return teacher
 
     # -- gradients ----------------------------------------------------------------------------------
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        def closure_then_reduce() -> Any:
-            result = closure()  # forward + backward (DDP has averaged the dense gradients)
-            reduce_expert_grads(self.shards, self.world_size)
-            if self.world_size > 1:
-                all_reduce_balance_counts(self.lightning_module)
+        def closure_then_counts() -> Any:
+            result = closure()  # forward + backward (FSDP has reduce-scattered the gradients)
+            all_reduce_balance_counts(self.lightning_module)
             return result
 
-        return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        return super().optimizer_step(optimizer, closure_then_counts, model, **kwargs)
 
     def _clip_grad_by_norm(self, optimizer: Any, clip_val: float) -> None:
-        params = [p for group in _unwrap(optimizer).param_groups for p in group["params"]]
-        clip_grad_norm_expert_parallel(params, clip_val, self.shards, self.world_size)
+        clip_grad_norm_([p for group in _unwrap(optimizer).param_groups for p in group["params"]], clip_val)
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        return consolidate_state_dict(super().lightning_module_state_dict(), self.shards)
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        bad = _first_nonfinite(state["state_dict"])
+        flag = torch.tensor([0.0 if bad is None else 1.0])
+        if self.reduce(flag, reduce_op="sum").item() > 0:
+            raise NonFiniteError(
+                f"weights `{bad or 'on another rank'}` hold NaN/Inf at step {checkpoint.get('global_step')}: "
+                f"checkpoint {path.name} was not written (the earlier checkpoints are intact).")
+        save_sharded(state, checkpoint, path)
 
-    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        return consolidate_optimizer_state(super().optimizer_state(optimizer), _unwrap(optimizer), self.shards)
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not is_sharded_checkpoint(path):  # a one-process .ckpt file: Lightning loads and shards it
+            return super().load_checkpoint(path, weights_only=weights_only)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
 
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self.shards:  # loading into an already sharded module: take the local slice
-            checkpoint = {**checkpoint, "state_dict": slice_state_dict(checkpoint["state_dict"], self.shards)}
-        super().load_model_state_dict(checkpoint, strict=strict)
-
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        states = [
-            slice_optimizer_state(state, _unwrap(opt), self.shards)
-            for opt, state in zip(self.optimizers, checkpoint["optimizer_states"])
-        ]
-        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
-
-    # -- the end --------------------------------------------------------------------------------------
-
-    def on_exception(self, exception: BaseException) -> None:
-        self._failed = True  # another rank may be gone: no collectives in teardown
-        super().on_exception(exception)
+        assert self.lightning_module is not None
+        problem, _ = inspect_sharded(path)  # every rank reads the same files: all raise alike, before DCP
+        model_state = get_model_state_dict(self.lightning_module)
+        problem = problem or _architecture(path, model_state)
+        if problem is not None:
+            raise ConfigError("resume", f"cannot resume from {path}: {problem}.",
+                              "pass a checkpoint of this model, resume=auto or resume=never.")
+        state: dict[str, Any] = {"state_dict": model_state}
+        state.update({f"optimizer_{i}": get_optimizer_state_dict(self.lightning_module, _unwrap(o))
+                      for i, o in enumerate(self.optimizers)})
+        meta = load_sharded(state, path)
+        self.lightning_module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        for i, opt in enumerate(self.optimizers):
+            set_optimizer_state_dict(self.lightning_module, _unwrap(opt), optim_state_dict=state[f"optimizer_{i}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        return meta
 
     def teardown(self) -> None:
-        if self.shards and not self._failed:
-            unshard_experts(self.shards)
-        self.shards = []
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
-        self._unwrap_teacher(self.lightning_module)
+        module = self.lightning_module
+        loader = getattr(module, "teacher_loader", None)
+        if isinstance(loader, _TeacherOnMesh):
+            module.teacher_loader = loader.inner
         super().teardown()
+
+
+class _TeacherOnMesh:
+    """A module's teacher loader, wrapped so that the teacher is laid out on the strategy's teacher mesh."""
+
+    _mesh_strategy = True
+
+    def __init__(self, inner: Callable[[], nn.Module], strategy: MeshStrategy):
+        self.inner = inner
+        self.load = partial(strategy.load_teacher, inner)
+
+    def __call__(self) -> nn.Module:
+        return self.load()
+
+
+def _first_nonfinite(state: Mapping[str, Any]) -> str | None:
+    for name, value in state.items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        if isinstance(local, torch.Tensor) and local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return name
+    return None
+
+
+def _architecture(path: Path, model_state: Mapping[str, Any]) -> str | None:
+    mismatch = architecture_mismatch(path, model_state)
+    return None if mismatch is None else f"it holds a model of another architecture ({mismatch})"

@@ -16,20 +16,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from distill.errors import ConfigError, NonFiniteError
+from distill.parallel.checkpoint import fsync_dir
 from distill.train.resume import verify_checkpoint
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
@@ -63,9 +51,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if Path(path).is_dir():  # a sharded (DCP) checkpoint reaches this plugin only under another strategy
+            raise ConfigError(
+                "resume", f"{path} is a sharded checkpoint (written by strategy=mesh); this run's strategy "
+                "reads single-file checkpoints.",
+                "resume it with strategy=mesh: any layout and world size, one process (trainer.devices=1) included.")
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:

@@ -93,7 +93,7 @@ class DistillModule(LMModule):
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         teacher = self.ensure_teacher()
         self.teacher_calls += 1
-        with torch.inference_mode():
+        with torch.inference_mode():  # a teacher on a mesh steps out of it for its own all-gathers
             logits = teacher(inputs).logits
         return logits[..., : self.model_cfg.vocab_size]  # padding-only vocabulary entries trimmed
 

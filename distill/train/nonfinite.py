@@ -35,7 +35,7 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         names = list(self._nonfinite)
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        grads = [_local(p.grad) for p in pl_module.parameters() if p.grad is not None]  # this rank's shards
         grad_bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads
                     else torch.zeros((), dtype=torch.bool))
         flags = torch.stack([*(self._nonfinite[n] for n in names), grad_bad.to(pl_module.device)]).float()
@@ -52,6 +52,13 @@ class NonFiniteGuard(L.Callback):
             raise NonFiniteError(f"non-finite loss term {' and '.join(bad)} at step {step}{rank_note}: "
                                  f"{shown}. Training stopped before the optimizer step.")
         param = next((n for n, p in pl_module.named_parameters()
-                      if p.grad is not None and not torch.isfinite(p.grad).all()), "a parameter on another rank")
+                      if p.grad is not None and not torch.isfinite(_local(p.grad)).all()),
+                     "a parameter on another rank")
         raise NonFiniteError(f"non-finite gradient at step {step} (first: {param}) while the loss terms "
                              f"were finite: {shown}. Training stopped before the optimizer step.")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) gradient; a plain tensor as it is. (The flags are summed over
+    the ranks, so every element is looked at somewhere.)"""
+    return t.to_local() if hasattr(t, "to_local") else t

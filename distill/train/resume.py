@@ -1,7 +1,7 @@
 """Which checkpoint a run continues from.
 
 `resume=auto` continues from ``<out_dir>/checkpoints/last.ckpt`` when it is readable, else from the
-newest readable ``step*.ckpt``, else starts fresh; a truncated or corrupt file is named in a warning and
+newest readable ``step*.ckpt`` (files, or the directories of sharded checkpoints), else starts fresh; a truncated or corrupt file is named in a warning and
 skipped (zip CRCs are checked, so flipped bytes count too). `resume=never` (or null) starts from step 0;
 any other value is the path of a checkpoint, which must be readable.
 """
@@ -34,6 +34,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> tuple[str | None, int | None]
     (tensors memory-mapped, not read again) and the keys a resume needs are looked up.
     """
     p = Path(path)
+    if p.is_dir():  # a sharded checkpoint (strategy=mesh): its index, shard sizes and meta.pt
+        from distill.parallel.checkpoint import inspect_sharded
+
+        return inspect_sharded(p)
     if not p.is_file():
         return "no such file", None
     if p.stat().st_size == 0:
@@ -70,8 +74,9 @@ def latest_good_checkpoint(ckpt_dir: Path) -> Path | None:
     ``last.ckpt`` continues from step N."""
     if not ckpt_dir.is_dir():
         return None
-    for leftover in ckpt_dir.glob(".*.ckpt.tmp-*"):
-        leftover.unlink(missing_ok=True)  # a save that was killed half-way
+    from distill.parallel.checkpoint import remove_leftovers
+
+    remove_leftovers(ckpt_dir)  # a save that was killed half-way
     candidates: list[tuple[int, bool, Path]] = []  # (step, already verified, path)
     for path in ckpt_dir.glob("*.ckpt"):
         if path.name.startswith("."):

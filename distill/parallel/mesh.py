@@ -1,0 +1,82 @@
+"""Device meshes of a resolved `ParallelConfig` (docs/architecture.md, "Parallel layouts").
+
+Ranks are laid out ``dp_replicate x dp_shard x ep`` in row-major order, so an expert-parallel group is
+``ep`` consecutive ranks. Every rank is a data-parallel rank of the dense parameters: they live on the
+`dense` mesh ``(dp_replicate, dp_shard * ep)``. A MoE layer with E experts uses ``g = min(ep, E)`` ranks
+(g must divide ep and E); its mesh is ``(dp_replicate, edp, ep)`` with ``edp = dp_shard * ep / g``, where
+the ``ep`` dimension (g ranks, consecutive) splits the experts and ``(dp_replicate, edp)`` are the ranks
+holding the same experts: FSDP shards the expert parameters over them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from distill.errors import ConfigError
+from distill.parallel.config import ParallelConfig
+
+
+def layer_group_size(num_experts: int, ep: int, what: str = "an MoE layer", key: str = "parallel") -> int:
+    """g = min(ep, E) ranks share a layer's experts; ConfigError unless g divides both ep and E."""
+    g = min(ep, num_experts)
+    if ep % g != 0 or num_experts % g != 0:
+        raise ConfigError(
+            "model.num_experts",
+            f"{what} has {num_experts} experts, which cannot be split evenly under {key}.ep={ep}: its "
+            f"expert-parallel group would have {g} ranks, and {g} must divide both the expert count and ep.",
+            f"use expert counts that are multiples of {key}.ep (or divisors of it), or change {key}.ep.",
+        )
+    return g
+
+
+class ParallelMesh:
+    """The meshes of one layout (a resolved ParallelConfig), created on first use.
+
+    Creating a mesh is collective: every rank asks for the same meshes in the same order (parallelize does,
+    walking the same model on every rank).
+    """
+
+    def __init__(self, layout: ParallelConfig, device_type: str = "cpu"):
+        self.layout = layout
+        self.device_type = device_type
+        self._dense: DeviceMesh | None = None
+        self._experts: dict[int, DeviceMesh] = {}
+
+    @property
+    def world_size(self) -> int:
+        lay = self.layout
+        return lay.dp_replicate * lay.dp_shard * lay.ep
+
+    def _mesh(self, shape: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+        return init_device_mesh(self.device_type, shape, mesh_dim_names=names)
+
+    @property
+    def dense(self) -> DeviceMesh:
+        """FSDP mesh of the dense parameters: (dp_shard * ep) or (dp_replicate, dp_shard * ep) for HSDP."""
+        if self._dense is None:
+            lay = self.layout
+            root = self._mesh((lay.dp_replicate, lay.dp_shard * lay.ep), ("dp_replicate", "dp_shard"))
+            self._dense = root if lay.dp_replicate > 1 else root["dp_shard"]
+        return self._dense
+
+    def expert_root(self, g: int) -> DeviceMesh:
+        if g not in self._experts:
+            lay = self.layout
+            self._experts[g] = self._mesh((lay.dp_replicate, lay.dp_shard * lay.ep // g, g),
+                                          ("dp_replicate", "edp", "ep"))
+        return self._experts[g]
+
+    def experts(self, g: int) -> tuple[DeviceMesh, DeviceMesh]:
+        """(FSDP mesh of the ranks holding the same experts, the g-rank expert-parallel mesh) of a layer of group g."""
+        root = self.expert_root(g)
+        fsdp = root["dp_replicate", "edp"] if self.layout.dp_replicate > 1 else root["edp"]
+        return fsdp, root["ep"]
+
+    def data_rank(self, rank: int) -> tuple[int, int]:
+        """(number of data-parallel ranks, this rank's index): every rank reads its own micro-batch."""
+        return self.world_size, rank
+
+    def describe(self) -> dict[str, Any]:
+        return {"layout": self.layout.describe(), "world": self.world_size}

@@ -1,0 +1,139 @@
+"""`parallelize(model, mesh)`: lay a GPT out on a device mesh from outside the model (torchtitan's style;
+nothing here imports Lightning). Works on a model built on the meta device (then materialise it with
+``to_empty`` and load or initialise it) as well as on a built one.
+
+1. Expert parallelism: each MoE layer's stacked expert parameters become DTensors sharded on dim 0 over
+   the layer's expert-parallel mesh (g = min(ep, E) ranks), and the layer gets an all-to-all dispatcher.
+   The grouped experts compute with the local tensors (forward hooks swap them in and back out), so the
+   model code never sees a DTensor.
+2. ZeRO-3 (FSDP2 `fully_shard`): per MoE layer the experts over the ranks that hold the same experts
+   (sharded on dim 1, next to the expert dim), then per block the dense parameters over all data-parallel
+   ranks, then the root (embeddings, final norm, head). The expert gradients are divided by the world size,
+   not by the replicas of each expert: the all-to-all backward already summed the g ranks of the group, so
+   the result equals data parallelism with replicated experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from distill.moe import GroupedExperts, LocalDispatcher, MoELayer
+from distill.parallel.config import ParallelConfig
+from distill.parallel.dispatch import AllToAllDispatcher, CommTimer
+from distill.parallel.mesh import ParallelMesh, layer_group_size
+
+
+def moe_layers(root: nn.Module) -> list[tuple[str, MoELayer]]:
+    return [(name, m) for name, m in root.named_modules() if isinstance(m, MoELayer)]
+
+
+def check_moe_layers(root: nn.Module, ep: int, what: str = "an MoE layer", key: str = "parallel") -> None:
+    """ConfigError for the first MoE layer of `root` whose experts cannot be split over `ep` ranks."""
+    for _, layer in moe_layers(root):
+        layer_group_size(layer.num_experts, ep, what, key)
+
+
+class _LocalExpertWeights:
+    """Forward hooks of a GroupedExperts module whose parameters are DTensors: inside its forward the
+    parameters are their local tensors (differentiable views: the gradient reaches the DTensor)."""
+
+    def __init__(self, module: nn.Module):
+        self.swapped: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        module.register_forward_pre_hook(self.pre)
+        module.register_forward_hook(self.post, prepend=True)  # before FSDP's post-forward reshard
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        for name, p in list(module._parameters.items()):
+            if isinstance(p, DTensor):
+                local = p.to_local()
+                module._parameters[name] = local  # type: ignore[assignment]
+                self.swapped[name] = (p, local)
+
+    def post(self, module: nn.Module, args: Any, out: Any) -> None:
+        for name, (p, local) in self.swapped.items():
+            if module._parameters.get(name) is local:
+                module._parameters[name] = p  # type: ignore[assignment]
+        self.swapped = {}
+
+
+def shard_experts(layer: MoELayer, ep_mesh: Any, timer: CommTimer | None = None) -> None:
+    """Keep this rank's dim-0 slice of the layer's experts as DTensors on `ep_mesh`; all-to-all dispatch."""
+    experts: GroupedExperts = layer.experts
+    g, pos = ep_mesh.size(), ep_mesh.get_local_rank()
+    n = layer.num_experts // g
+    for name, p in list(experts.named_parameters(recurse=False)):
+        local = p.detach()[pos * n : (pos + 1) * n]
+        local = local if local.is_meta else local.clone()
+        dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
+        experts.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+    experts.expert_offset = pos * n
+    layer.dispatcher = (AllToAllDispatcher(ep_mesh.get_group(), g, n, timer) if g > 1 else LocalDispatcher())
+    _LocalExpertWeights(experts)
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def parallelize(model: nn.Module, mesh: ParallelMesh, layout: ParallelConfig | None = None,
+                timer: CommTimer | None = None) -> nn.Module:
+    """Shard `model` (a GPT: `.blocks`, MoE layers inside them) in place over `mesh`; returns it.
+
+    Every rank calls it with the same model (collective: meshes are created on first use).
+    """
+    layout = layout or mesh.layout
+    check_moe_layers(model, layout.ep)
+    mp = MixedPrecisionPolicy(param_dtype=_dtype(layout.param_dtype), reduce_dtype=_dtype(layout.reduce_dtype))
+    shard = dict(reshard_after_forward=layout.reshard_after_forward, mp_policy=mp)
+    for block in model.blocks:
+        for _, layer in moe_layers(block):
+            fsdp_mesh, ep_mesh = mesh.experts(layer_group_size(layer.num_experts, layout.ep))
+            shard_experts(layer, ep_mesh, timer)
+            fully_shard(layer.experts, mesh=fsdp_mesh, shard_placement_fn=lambda p: Shard(1), **shard)
+            layer.experts.set_gradient_divide_factor(float(mesh.world_size))
+            if mesh.device_type == "cpu" and fsdp_mesh.size() > 1:  # gloo has no pre-multiplied sum: SUM, scale
+                layer.experts.set_force_sum_reduction_for_comms(True)
+        fully_shard(block, mesh=mesh.dense, **shard)
+    fully_shard(model, mesh=mesh.dense, reshard_after_forward=False, mp_policy=mp)
+    return model
+
+
+class OutsideInferenceMode:
+    """Forward hooks that run a module's forward, with FSDP's all-gathers and reshards around it, without
+    gradients and outside inference mode, even when the caller is in inference mode: FSDP2 cannot unshard
+    there (its all-gathered parameters would be inference tensors, which track no version counter). The
+    inputs may be inference tensors; the outputs are ordinary tensors that need no gradient."""
+
+    def __init__(self, module: nn.Module):
+        self.active: list[tuple[Any, ...]] = []
+        module.register_forward_pre_hook(self.enter, prepend=True)  # before FSDP's pre-forward (unshard)
+        module.register_forward_hook(self.exit, always_call=True)  # after FSDP's post-forward (reshard)
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        modes = (torch.inference_mode(False), torch.no_grad())
+        for mode in modes:
+            mode.__enter__()
+        self.active.append(modes)
+
+    def exit(self, module: nn.Module, args: Any, out: Any) -> None:
+        for mode in reversed(self.active.pop()):
+            mode.__exit__(None, None, None)
+
+
+def parallelize_frozen(model: nn.Module, mesh: ParallelMesh, timer: CommTimer | None = None) -> nn.Module:
+    """A frozen model (a teacher) laid out on `mesh`: every FSDP module, the root included, reshards after its
+    forward (there is no backward to free the gathered parameters, so between forwards a rank holds only its
+    shards), and the forward may be called under inference mode. Collective, like `parallelize`."""
+    parallelize(model, mesh, timer=timer)
+    model.set_reshard_after_forward(True)  # type: ignore[operator]
+    OutsideInferenceMode(model)
+    return model.eval().requires_grad_(False)
+
+
+def is_parallelized(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
