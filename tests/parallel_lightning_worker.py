@@ -172,7 +172,9 @@ def main(out: Path, job: str) -> None:
         res["R"] = fit(lm(seed=5), {"ep": 2, "dp_shard": 2}, out / "killed", resume)
         module = distill()
         res["K"] = fit(module, {"ep": 2, "dp_shard": 2}, None, None, teacher_layout={"ep": 4, "dp_shard": 1})
-        res["K_kd"] = float(module.step_terms.get("kd", torch.tensor(float("nan"))))
+        kd = module.step_terms["kd"].detach().clone()  # the last step's KD term, averaged over the ranks
+        dist.all_reduce(kd)
+        res["K_kd"] = float(kd) / WORLD
         res["K_teacher_calls"] = module.teacher_calls
         # staged: KD stops at step 2, the sharded teacher is released on every rank (nothing keeps it alive)
         module = DistillModule(STUDENT, OPTIM, KDSchedule(KDConfig(stop_step=2), MAX_STEPS), teacher_loader=teacher)
@@ -189,6 +191,7 @@ def main(out: Path, job: str) -> None:
         res["E"] = fit(lm(seed=5), {}, None, out / "B" / "step2.ckpt")
         module = distill()
         res["K1"] = fit(module, {}, None, None)
+        res["K1_kd"] = float(module.step_terms["kd"])
         res["K1_teacher_calls"] = module.teacher_calls
     elif job == "two2":
         res["C2"] = fit(lm(seed=5), {"ep": 2, "dp_shard": 1}, None, out / "A" / "step2.ckpt")

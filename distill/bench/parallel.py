@@ -122,9 +122,8 @@ def print_load(teacher: dict[str, int], one_load: dict[str, int], loads: dict[st
               f"{held:8.1f} MB  {verdict}")
         print(f"  {'':36s} peak RSS per rank: {', '.join(f'{x:+.0f}' for x in incs)} MB "
               f"(baseline {kb_to_mb(ranks[0]['base_kb']):.0f} MB)")
-    print("  note: safetensors memory-maps the file; the pages of it a rank touches (whole page-cache folios, so "
-          "more than its\n  slices) count in its RSS until load_sharded closes the file: shared, clean page cache, "
-          "not private memory.")
+    print("  note: each rank reads its regions with pread straight into its shards (distill/safetensors_read.py); "
+          "a memory\n  map would count every page of the file a rank touches in its RSS until the file is closed.")
 
 
 def print_times(train: list[dict[str, Any]], steps: int, warmup: int) -> None:
