@@ -99,6 +99,7 @@ class OptimConfig:
     warmup_steps: int = 30
     aux_coef: float = 0.01  # MoE load-balancing loss coefficient (DeepSpeed-MoE: 0.01)
     z_coef: float = 0.001  # router z-loss coefficient
+    tile_size: Optional[int] = None  # elements per tile of the AdamW step (TiledAdamW); null: torch's AdamW
 
     def validate(self) -> OptimConfig:
         if not 0 < self.lr < math.inf:
@@ -117,6 +118,10 @@ class OptimConfig:
             if not 0 <= getattr(self, key) < math.inf:
                 raise ConfigError(f"optim.{key}", f"must be >= 0 and finite, got {getattr(self, key)}.",
                                   "0 turns it off.")
+        tile = self.tile_size
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+            raise ConfigError("optim.tile_size", f"must be null or an int >= 1 (elements), got {tile!r}.",
+                              "e.g. optim.tile_size=65536 (null: torch's AdamW, untiled).")
         return self
 
 

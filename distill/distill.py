@@ -28,11 +28,14 @@ def main(cfg: DictConfig) -> None:
     from distill.stage import distill_stage, run_stage
 
     summary, _ = run_stage(spec, distill_stage(spec))
-    print(
-        f"[distill] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
-        f"KD stopped at step {summary['kd_stop_step']}  teacher calls {summary['teacher_calls']}  "
-        f"export -> {summary['export_dir']}"
-    )
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # every rank ran the stage; one prints its summary
+        print(
+            f"[distill] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
+            f"KD stopped at step {summary['kd_stop_step']}  teacher calls {summary['teacher_calls']}  "
+            f"export -> {summary['export_dir']}"
+        )
 
 
 if __name__ == "__main__":

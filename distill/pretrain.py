@@ -30,10 +30,13 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     from distill.stage import pretrain_stage, run_stage
 
     summary, _ = run_stage(spec, pretrain_stage(spec))
-    print(
-        f"[pretrain] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
-        f"train {summary['train_tokens_per_s']:.0f} tok/s  export -> {summary['export_dir']}"
-    )
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # every rank ran the stage; one prints its summary
+        print(
+            f"[pretrain] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
+            f"train {summary['train_tokens_per_s']:.0f} tok/s  export -> {summary['export_dir']}"
+        )
     return summary
 
 

@@ -1,4 +1,7 @@
-"""AdamW over the model's decay groups, with linear warm-up then cosine decay (the `optim` node)."""
+"""AdamW over the model's decay groups, with linear warm-up then cosine decay (the `optim` node).
+
+`optim.tile_size` set: `TiledAdamW`, the same update bit for bit with temporaries bounded by the tile.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch
 
 from distill.config import OptimConfig
 from distill.models import configure_optimizer_groups
+from distill.train.tiled_adamw import TiledAdamW
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -21,9 +25,13 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig,
                     max_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its per-step LR schedule."""
+    """AdamW (tiled when ``o.tile_size`` is set) and its per-step LR schedule."""
     groups = configure_optimizer_groups(model, o.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    opt: torch.optim.Optimizer
+    if o.tile_size is not None:
+        opt = TiledAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, tile_size=o.tile_size)
+    else:
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, o.warmup_steps, max_steps, o.min_lr_ratio)
     )
