@@ -1,0 +1,127 @@
+"""Peak temporary memory of one AdamW step: untiled (torch's single-tensor AdamW) vs `TiledAdamW`.
+
+The model is a stack of E experts (w_in [E, d, f], w_out [E, f, d], d = f = 256) plus a dense part
+(an embedding and a few matrices, the same for every E). Each measurement runs in a fresh process:
+one step creates the optimizer state, then the peak resident memory of a second `opt.step()` alone is
+read as the kernel's high-water mark (VmHWM after `echo 5 > /proc/self/clear_refs`) minus the resident
+memory just before it. glibc's mmap threshold is pinned at 64 KiB in that process
+(`MALLOC_MMAP_THRESHOLD_`), so freed buffers go back to the kernel and each step's temporaries are
+faulted in anew instead of reusing pages kept from the first step: the number is what the step
+allocates at its peak, to the page. Untiled, denominator buffers dominate: the sqrt and the quotient
+of the largest tensor plus the previous tensor's quotient, still referenced (3 * E*d*f*4 bytes here);
+tiled, two tiles. The children run one compute thread: memory does not depend on it, and on a loaded
+machine every op split over threads waits milliseconds for a descheduled thread, hundreds of times a
+step when tiled. The step times printed are that one thread's (median of the repeats).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+D = F_HIDDEN = 256
+EXPERTS = (8, 32, 128)
+TILE = 65536  # elements (256 KiB in fp32)
+DENSE = {"embed": (2048, D), "qkv": (D, 3 * D), "proj": (D, D), "norm": (D,)}
+REPEATS = 3
+MIB = float(1 << 20)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def build(num_experts: int) -> torch.nn.Module:
+    model = torch.nn.Module()
+    for name, shape in DENSE.items():
+        model.register_parameter(name, torch.nn.Parameter(torch.randn(shape)))
+    model.w_in = torch.nn.Parameter(torch.randn(num_experts, D, F_HIDDEN))
+    model.w_out = torch.nn.Parameter(torch.randn(num_experts, F_HIDDEN, D))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+def child(num_experts: int, tile_size: int) -> dict[str, float]:
+    """In a fresh process: peak RSS increase (bytes) during `opt.step()` once the state exists."""
+    from distill.models import configure_optimizer_groups
+    from distill.train.tiled_adamw import TiledAdamW
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build(num_experts)
+    groups = configure_optimizer_groups(model, 0.1)
+    if tile_size:
+        opt: torch.optim.Optimizer = TiledAdamW(groups, lr=1e-3, tile_size=tile_size)
+    else:
+        opt = torch.optim.AdamW(groups, lr=1e-3, foreach=False)  # what foreach=None picks on CPU
+    opt.step()  # creates exp_avg / exp_avg_sq: from here on only temporaries are allocated
+    temps, times = [], []
+    for _ in range(REPEATS):
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        before = _status_kb("VmRSS")
+        start = time.thread_time()
+        opt.step()
+        times.append(time.thread_time() - start)
+        temps.append(1024 * (_status_kb("VmHWM") - before))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    return {"params": params, "largest": largest, "temp": statistics.median(temps),
+            "ms": 1e3 * statistics.median(times)}
+
+
+def measure(num_experts: int, tile_size: int) -> dict[str, float]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", THP_MEM_ALLOC_ENABLE="0")
+    out = subprocess.run(
+        [sys.executable, "-m", "distill.bench.optim", str(num_experts), str(tile_size)],
+        env=env, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if not os.path.exists("/proc/self/clear_refs"):
+        print("skipped: needs Linux /proc/self/clear_refs to read a step's peak resident memory")
+        return
+    start = time.perf_counter()
+    print("AdamW step peak temporary memory (RSS high-water mark during opt.step(), fresh process each);")
+    print(f"  E experts of w_in [E,{D},{F_HIDDEN}] + w_out [E,{F_HIDDEN},{D}], plus a fixed dense part "
+          f"({sum(torch.Size(s).numel() for s in DENSE.values()) * 4 / MIB:.1f} MiB); fp32")
+    print(f"  untiled = torch.optim.AdamW(foreach=False) (the CPU default); tiled = TiledAdamW(tile_size={TILE})")
+    header = (f"{'E':>4} {'params MiB':>10} {'largest MiB':>11} {'untiled MiB':>11} {'tiled MiB':>9} "
+              f"{'ratio':>6} {'untiled ms':>10} {'tiled ms':>8}")
+    print(header)
+    print("-" * len(header))
+    tiled_peaks = []
+    for num_experts in EXPERTS:
+        untiled, tiled = measure(num_experts, 0), measure(num_experts, TILE)
+        tiled_peaks.append(tiled["temp"])
+        print(
+            f"{num_experts:>4} {untiled['params'] / MIB:>10.1f} {untiled['largest'] / MIB:>11.1f} "
+            f"{untiled['temp'] / MIB:>11.2f} {tiled['temp'] / MIB:>9.2f} "
+            f"{untiled['temp'] / max(tiled['temp'], 4096):>6.1f} {untiled['ms']:>10.1f} {tiled['ms']:>8.1f}",
+            flush=True,
+        )
+    bound = 2 * TILE * 4 + (1 << 20)  # two fp32 tiles (sqrt and quotient) + 1 MiB of slack
+    flat = max(tiled_peaks) <= bound
+    print(
+        f"goal: tiled flat in E (every tiled peak <= 2 tiles + 1 MiB = {bound / MIB:.2f} MiB): "
+        f"{'met' if flat else 'NOT met'}; max tiled {max(tiled_peaks) / MIB:.2f} MiB, "
+        f"tiled E={EXPERTS[-1]} / E={EXPERTS[0]} = {tiled_peaks[-1] / max(tiled_peaks[0], 4096):.2f}"
+    )
+    print(f"  ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    print(json.dumps(child(int(sys.argv[1]), int(sys.argv[2]))))
