@@ -80,7 +80,8 @@ def _is_mesh_strategy(target: str) -> bool:
     return isinstance(obj, type) and issubclass(obj, MeshStrategy)
 
 
-def check_layout(layout: ParallelConfig, world: int | None, key: str, models: Iterable[ModelConfig]) -> None:
+def check_layout(layout: ParallelConfig, world: int | None, key: str, models: Iterable[ModelConfig],
+                 ranks_per_node: int | None = None) -> None:
     """The layout fits the world (nothing to check while the world size is unknown: devices=auto) and every
     MoE layer of ``models`` splits over its ``ep``."""
     from distill.parallel.mesh import layer_group_size
@@ -88,6 +89,10 @@ def check_layout(layout: ParallelConfig, world: int | None, key: str, models: It
     if world is None:
         return
     resolved = layout.resolve(world, key)
+    if resolved.ep_intra is not None and ranks_per_node is not None and ranks_per_node % resolved.ep_intra:
+        raise ConfigError(f"{key}.ep_intra", f"{resolved.ep_intra} ranks per node inside an expert-parallel "
+                          f"group, but a node has {ranks_per_node} (trainer.devices).",
+                          f"use a divisor of trainer.devices, e.g. {key}.ep_intra={ranks_per_node}, or null.")
     for model in models:
         for experts in model.num_experts:
             layer_group_size(experts, resolved.ep, what=f"a MoE layer of {model.name}", key=key)
@@ -100,7 +105,7 @@ def _first_changed(layout: ParallelConfig) -> str:
 
 def resolve_strategy(node: Mapping[str, Any], world: int | None, models: Iterable[ModelConfig],
                      parallel: ParallelConfig, teacher_parallel: ParallelConfig | None = None,
-                     teacher: ModelConfig | None = None) -> dict[str, Any]:
+                     teacher: ModelConfig | None = None, ranks_per_node: int | None = None) -> dict[str, Any]:
     """The checked `strategy` node as a plain dict (`distill.train.trainer.build_strategy` builds it). For the
     mesh strategy the layouts (``parallel``, ``teacher.parallel``) are checked against the world and the
     models (``teacher`` against its own layout) and handed to it."""
@@ -129,10 +134,10 @@ def resolve_strategy(node: Mapping[str, Any], world: int | None, models: Iterabl
     check_strategy_arguments(strategy)
     if mesh:
         models = list(models)
-        check_layout(parallel, world, "parallel", models)
+        check_layout(parallel, world, "parallel", models, ranks_per_node)
         if teacher is not None:
             check_layout(teacher_parallel or parallel, world,
-                         "teacher.parallel" if teacher_parallel else "parallel", [teacher])
+                         "teacher.parallel" if teacher_parallel else "parallel", [teacher], ranks_per_node)
         strategy["layout"] = dataclasses.asdict(parallel)
         strategy["teacher_layout"] = None if teacher_parallel is None else dataclasses.asdict(teacher_parallel)
     return strategy

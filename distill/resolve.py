@@ -176,7 +176,9 @@ def resolve(cfg: DictConfig, app: str) -> RunSpec:
                                      if OmegaConf.is_config(cfg.strategy) else {"name": cfg.strategy},
                                      trainer.world_size, [a for a in architectures if a is not teacher_arch],
                                      _node(cfg, "parallel"), teacher_parallel,
-                                     teacher_arch or (spec.model if app == "pipeline" else None))
+                                     teacher_arch or (spec.model if app == "pipeline" else None),
+                                     trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0
+                                     else None)
     return spec
 
 

@@ -79,6 +79,9 @@ BAD = [
     ("pretrain", [*MESH4, "parallel.dp_shard=3", "parallel.ep=1"], "parallel.dp_shard", "equal the world size"),
     ("pretrain", [*MESH4, "parallel.dp_shard=-1", "parallel.ep=-1"], "parallel.ep", "give parallel.ep a size"),
     ("pretrain", [*MESH4, "parallel.tp=2"], "parallel.tp", "set parallel.tp=1"),
+    ("pretrain", [*MESH4, "parallel.ep=4", "parallel.ep_intra=3"], "parallel.ep_intra", "null for a flat"),
+    ("pretrain", [*MESH4, "trainer.num_nodes=2", "parallel.ep=8", "parallel.ep_intra=8"], "parallel.ep_intra",
+     "use a divisor of trainer.devices"),
     ("pretrain", [*MESH4, "parallel.param_dtype=fp8"], "parallel.param_dtype", "use one of"),
     ("pretrain", ["model.moe.top_k=9"], "model.moe.top_k", "lower model.moe.top_k"),
     ("pretrain", ["model.moe.capacity_factor=0"], "model.moe.capacity_factor", "model.moe.dropless=true"),
@@ -129,6 +132,7 @@ def test_bad_input_names_the_key_and_the_fix(app: str, overrides: list[str], key
     ("pretrain", []),
     ("pretrain", [*MESH4, "parallel.ep=2"]),  # dp_shard -1: the rest
     ("pretrain", [*MESH4, "parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    ("pretrain", [*MESH4, "trainer.num_nodes=2", "parallel.ep=8", "parallel.ep_intra=4"]),  # 2 nodes x 4
     ("pretrain", ["strategy=expert_parallel", "trainer.devices=2"]),  # ep: one node's processes
     ("pretrain", ["strategy=ddp", "trainer.devices=2", "+strategy.find_unused_parameters=true"]),
     ("pretrain", ["resume=never", "model=350m_prmoe32_64"]),

@@ -187,7 +187,8 @@ def test_bad_sharded_checkpoints_are_named(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # one step on several processes equals one process (tests/parallel_worker.py)
 
-FOUR_RANK_LAYOUTS = ["dp_shard=4", "ep=4,dp_shard=1", "ep=2,dp_shard=2", "dp_replicate=2,dp_shard=2"]
+FOUR_RANK_LAYOUTS = ["dp_shard=4", "ep=4,dp_shard=1", "ep=2,dp_shard=2", "dp_replicate=2,dp_shard=2",
+                     "ep=4,dp_shard=1,ep_intra=2"]  # the last: hierarchical all-to-all, 2 nodes x 2 ranks
 SCENARIOS = ["dropless", "capacity", "skewed"]
 
 
@@ -227,6 +228,11 @@ def test_layouts_match_one_process(mesh_results: Path, layout: str, world: int, 
         assert all(abs(r["ce"] - r["ce_full_batch"]) < TOL for r in results)
     if scenario == "skewed" and "ep=" in layout:  # a rank whose experts got no rows still took part
         assert any(r["received"][0] == 0 for r in results) and any(r["received"][0] > 0 for r in results)
+    if layout == "ep=4,dp_shard=1,ep_intra=2":  # within the node, then across: what each rank computes is the flat's
+        flat = [json.loads((mesh_results / f"{worker_name('ep=4,dp_shard=1')}-{scenario}-rank{r}.json").read_text())
+                for r in range(world)]
+        assert [r["received"] for r in results] == [r["received"] for r in flat]
+        assert [r["loss"] for r in results] == [r["loss"] for r in flat]
     if layout == "ep=4,dp_shard=1" and scenario == "dropless":  # experts [4, 2, 1]: groups of 4, 2 and 1
         local = {name: shape[0] for name, shape in results[0]["experts"].items()}
         assert local["blocks.1.ffn.experts.w_in"] == 1 and local["blocks.3.ffn.experts.w_in"] == 1

@@ -9,6 +9,8 @@
   that expert.
 - ``dp_replicate``: HSDP, whole replicas of the sharded model (``dp_replicate=W`` is plain DDP).
 - ``tp``: reserved for tensor parallelism; must be 1.
+- ``ep_intra``: the ranks of one node inside an expert-parallel group (must divide ``ep``): the all-to-all
+  then runs within the node first, then across nodes (`distill.parallel.hierarchical`).
 
 Plain dataclass, no torch: the app layer checks it before any process exists.
 """
@@ -32,6 +34,8 @@ class ParallelConfig:
     dp_shard: int = -1  # -1: the rest of the world
     ep: int = 1
     tp: int = 1  # reserved for tensor parallelism
+    # ranks per node inside an expert-parallel group: exchange within a node first, then across (null: flat)
+    ep_intra: Optional[int] = None
     reshard_after_forward: bool = True  # ZeRO-3: free the gathered block after its forward
     param_dtype: Optional[str] = None  # FSDP compute dtype (e.g. bfloat16); null: the parameters' own
     reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
@@ -64,6 +68,12 @@ class ParallelConfig:
             layout = " x ".join(f"{d}={v}" for d, v in sizes.items() if v != 1) or "all 1"
             raise ConfigError(f"{key}.{_largest(sizes)}", f"the layout {layout} has {known} ranks, but the world "
                               f"size is {world} (trainer.devices x trainer.num_nodes).", _world_fix(key))
+        intra = self.ep_intra
+        if intra is not None and (isinstance(intra, bool) or not isinstance(intra, int) or intra < 1
+                                  or sizes["ep"] % intra):
+            raise ConfigError(f"{key}.ep_intra", f"must be an integer >= 1 that divides {key}.ep={sizes['ep']}, "
+                              f"got {intra!r}.", "use the GPUs per node (trainer.devices), or null for a flat "
+                              "all-to-all.")
         for key_, value in (("param_dtype", self.param_dtype), ("reduce_dtype", self.reduce_dtype)):
             if value is not None and value not in DTYPES:
                 raise ConfigError(f"{key}.{key_}", f"unknown dtype {value!r}.", f"use one of {list(DTYPES)}.")
@@ -82,6 +92,7 @@ class TeacherParallelConfig:
     dp_shard: Optional[int] = None
     ep: Optional[int] = None
     tp: Optional[int] = None
+    ep_intra: Optional[int] = None
     reshard_after_forward: Optional[bool] = None
     param_dtype: Optional[str] = None
     reduce_dtype: Optional[str] = None

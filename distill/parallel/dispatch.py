@@ -104,11 +104,14 @@ class AllToAllDispatcher:
     consecutive experts in rank order.
     """
 
-    def __init__(self, group: dist.ProcessGroup, group_size: int, num_local: int, timer: CommTimer | None = None):
+    def __init__(self, group: dist.ProcessGroup, group_size: int, num_local: int, timer: CommTimer | None = None,
+                 traffic: Any = None):
         self.group = group
         self.group_size = group_size
         self.num_local = num_local
         self.timer = timer
+        self.traffic = traffic  # a `distill.parallel.hierarchical.Traffic` counting what crosses nodes, or None
+        self.pos = dist.get_group_rank(group, dist.get_rank())
 
     def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _Handle]:
         send_counts = counts.view(self.group_size, self.num_local).contiguous()
@@ -116,6 +119,8 @@ class AllToAllDispatcher:
         recv_counts = all_to_all(send_counts, ones, ones, self.group, self.timer, differentiable=False)
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
+        if self.traffic is not None:
+            self.traffic.add_flat(send_splits, self.pos, tokens[0].numel() * tokens.element_size() if len(tokens) else 0)
         received = all_to_all(tokens, recv_splits, send_splits, self.group, self.timer)
         order = source_to_expert_order(recv_counts, sum(recv_splits))
         inverse = torch.empty_like(order)

@@ -61,18 +61,32 @@ class ParallelMesh:
             self._dense = root if lay.dp_replicate > 1 else root["dp_shard"]
         return self._dense
 
+    def ranks_per_node(self, g: int) -> int | None:
+        """J of a hierarchical all-to-all for a layer of group g (`parallel.ep_intra`), or None: flat."""
+        J = self.layout.ep_intra
+        return J if J is not None and 1 < J < g and g % J == 0 else None
+
     def expert_root(self, g: int) -> DeviceMesh:
         if g not in self._experts:
             lay = self.layout
-            self._experts[g] = self._mesh((lay.dp_replicate, lay.dp_shard * lay.ep // g, g),
-                                          ("dp_replicate", "edp", "ep"))
+            J = self.ranks_per_node(g)
+            edp = lay.dp_shard * lay.ep // g
+            self._experts[g] = (self._mesh((lay.dp_replicate, edp, g // J, J),
+                                           ("dp_replicate", "edp", "ep_inter", "ep_intra"))
+                                if J else self._mesh((lay.dp_replicate, edp, g), ("dp_replicate", "edp", "ep")))
         return self._experts[g]
 
     def experts(self, g: int) -> tuple[DeviceMesh, DeviceMesh]:
         """(FSDP mesh of the ranks holding the same experts, the g-rank expert-parallel mesh) of a layer of group g."""
         root = self.expert_root(g)
         fsdp = root["dp_replicate", "edp"] if self.layout.dp_replicate > 1 else root["edp"]
-        return fsdp, root["ep"]
+        ep = root["ep_inter", "ep_intra"]._flatten("ep") if self.ranks_per_node(g) else root["ep"]
+        return fsdp, ep
+
+    def node_groups(self, g: int) -> tuple[Any, Any]:
+        """(within-node group, across-node group) of a hierarchical layer of group g."""
+        root = self.expert_root(g)
+        return root["ep_intra"].get_group(), root["ep_inter"].get_group()
 
     def data_rank(self, rank: int) -> tuple[int, int]:
         """(number of data-parallel ranks, this rank's index): every rank reads its own micro-batch."""

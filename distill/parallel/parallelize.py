@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, Shard
 from distill.moe import GroupedExperts, LocalDispatcher, MoELayer
 from distill.parallel.config import ParallelConfig
 from distill.parallel.dispatch import AllToAllDispatcher, CommTimer
+from distill.parallel.hierarchical import HierarchicalAllToAllDispatcher, Traffic
 from distill.parallel.mesh import ParallelMesh, layer_group_size
 
 
@@ -61,8 +62,10 @@ class _LocalExpertWeights:
         self.swapped = {}
 
 
-def shard_experts(layer: MoELayer, ep_mesh: Any, timer: CommTimer | None = None) -> None:
-    """Keep this rank's dim-0 slice of the layer's experts as DTensors on `ep_mesh`; all-to-all dispatch."""
+def shard_experts(layer: MoELayer, ep_mesh: Any, timer: CommTimer | None = None, dispatcher: Any = None,
+                  traffic: Traffic | None = None) -> None:
+    """Keep this rank's dim-0 slice of the layer's experts as DTensors on `ep_mesh`; all-to-all dispatch
+    (`dispatcher`, or the flat one over `ep_mesh`)."""
     experts: GroupedExperts = layer.experts
     g, pos = ep_mesh.size(), ep_mesh.get_local_rank()
     n = layer.num_experts // g
@@ -72,7 +75,8 @@ def shard_experts(layer: MoELayer, ep_mesh: Any, timer: CommTimer | None = None)
         dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
         experts.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
     experts.expert_offset = pos * n
-    layer.dispatcher = (AllToAllDispatcher(ep_mesh.get_group(), g, n, timer) if g > 1 else LocalDispatcher())
+    layer.dispatcher = dispatcher or (AllToAllDispatcher(ep_mesh.get_group(), g, n, timer, traffic) if g > 1
+                                      else LocalDispatcher())
     _LocalExpertWeights(experts)
 
 
@@ -81,7 +85,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, layout: ParallelConfig | None = None,
-                timer: CommTimer | None = None) -> nn.Module:
+                timer: CommTimer | None = None, traffic: Traffic | None = None) -> nn.Module:
     """Shard `model` (a GPT: `.blocks`, MoE layers inside them) in place over `mesh`; returns it.
 
     Every rank calls it with the same model (collective: meshes are created on first use).
@@ -92,8 +96,15 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, layout: ParallelConfig | N
     shard = dict(reshard_after_forward=layout.reshard_after_forward, mp_policy=mp)
     for block in model.blocks:
         for _, layer in moe_layers(block):
-            fsdp_mesh, ep_mesh = mesh.experts(layer_group_size(layer.num_experts, layout.ep))
-            shard_experts(layer, ep_mesh, timer)
+            g = layer_group_size(layer.num_experts, layout.ep)
+            fsdp_mesh, ep_mesh = mesh.experts(g)
+            J = mesh.ranks_per_node(g)
+            hier = None
+            if J:  # within the node first, then across nodes
+                intra, inter = mesh.node_groups(g)
+                hier = HierarchicalAllToAllDispatcher(ep_mesh.get_group(), intra, inter, g // J, J,
+                                                      layer.num_experts // g, timer, traffic)
+            shard_experts(layer, ep_mesh, timer, hier, traffic)
             fully_shard(layer.experts, mesh=fsdp_mesh, shard_placement_fn=lambda p: Shard(1), **shard)
             layer.experts.set_gradient_divide_factor(float(mesh.world_size))
             if mesh.device_type == "cpu" and fsdp_mesh.size() > 1:  # gloo has no pre-multiplied sum: SUM, scale
