@@ -25,6 +25,7 @@ from torch import nn
 from distill.models import GPT, ModelConfig, lm_loss
 from distill.moe import MoEConfig
 from distill.parallel.config import ParallelConfig
+from distill.parallel.dispatch import CommTimer
 from distill.parallel.grads import all_reduce_balance_counts, balance_count_buffers, clip_grad_norm_
 from distill.parallel.mesh import ParallelMesh
 from distill.parallel.parallelize import parallelize
@@ -58,7 +59,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def parse_layout(text: str) -> ParallelConfig:
-    return ParallelConfig(**{k: int(v) for k, v in (kv.split("=") for kv in text.split(","))})
+    return ParallelConfig(**{k: int(v) if v.lstrip("-").isdigit() else v
+                             for k, v in (kv.split("=") for kv in text.split(","))})
 
 
 def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -> None:
@@ -85,7 +87,8 @@ def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -
         full_ce = objective(ref, ids)[1]  # one forward over the whole global batch
 
     mesh = ParallelMesh(layout)
-    parallelize(model, mesh)
+    timer = CommTimer(enabled=True)  # counts the all-to-alls the dispatchers run, recomputations included
+    parallelize(model, mesh, timer=timer)
     received = []  # rows each rank's experts compute, per MoE layer
     for layer in model.moe_layers:
         layer.experts.register_forward_pre_hook(lambda mod, args: received.append(int(args[1].sum())))
@@ -120,6 +123,7 @@ def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -
               "grad_diff": grad_diff, "norm": norm.item(), "norm_ref": norm_ref.item(),
               "clipped_grad_diff": clipped_diff, "weight_diff": weight_diff, "local_params": local,
               "total_params": total, "counts": counts, "ref_counts": ref_counts,
+              "all_to_alls": timer.calls,
               "experts": {n: [p.to_local().shape[0], p.shape[0]] for n, p in params.items() if "experts." in n}}
     name = layout_text.replace(",", "_").replace("=", "")
     (out_dir / f"{name}-{scenario}-rank{rank}.json").write_text(json.dumps(result))

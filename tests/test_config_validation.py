@@ -80,6 +80,8 @@ BAD = [
     ("pretrain", [*MESH4, "parallel.dp_shard=-1", "parallel.ep=-1"], "parallel.ep", "give parallel.ep a size"),
     ("pretrain", [*MESH4, "parallel.tp=2"], "parallel.tp", "set parallel.tp=1"),
     ("pretrain", [*MESH4, "parallel.ep=4", "parallel.ep_intra=3"], "parallel.ep_intra", "null for a flat"),
+    ("pretrain", [*MESH4, "parallel.activation_checkpointing=some"], "parallel.activation_checkpointing",
+     "use none, full or moe_only"),
     ("pretrain", [*MESH4, "trainer.num_nodes=2", "parallel.ep=8", "parallel.ep_intra=8"], "parallel.ep_intra",
      "use a divisor of trainer.devices"),
     ("pretrain", [*MESH4, "parallel.param_dtype=fp8"], "parallel.param_dtype", "use one of"),
@@ -133,6 +135,7 @@ def test_bad_input_names_the_key_and_the_fix(app: str, overrides: list[str], key
     ("pretrain", [*MESH4, "parallel.ep=2"]),  # dp_shard -1: the rest
     ("pretrain", [*MESH4, "parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     ("pretrain", [*MESH4, "trainer.num_nodes=2", "parallel.ep=8", "parallel.ep_intra=4"]),  # 2 nodes x 4
+    ("pretrain", [*MESH4, "parallel.ep=2", "parallel.activation_checkpointing=moe_only"]),
     ("pretrain", ["strategy=expert_parallel", "trainer.devices=2"]),  # ep: one node's processes
     ("pretrain", ["strategy=ddp", "trainer.devices=2", "+strategy.find_unused_parameters=true"]),
     ("pretrain", ["resume=never", "model=350m_prmoe32_64"]),

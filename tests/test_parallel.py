@@ -188,7 +188,9 @@ def test_bad_sharded_checkpoints_are_named(tmp_path: Path) -> None:
 # one step on several processes equals one process (tests/parallel_worker.py)
 
 FOUR_RANK_LAYOUTS = ["dp_shard=4", "ep=4,dp_shard=1", "ep=2,dp_shard=2", "dp_replicate=2,dp_shard=2",
-                     "ep=4,dp_shard=1,ep_intra=2"]  # the last: hierarchical all-to-all, 2 nodes x 2 ranks
+                     "ep=4,dp_shard=1,ep_intra=2",  # hierarchical all-to-all, 2 nodes x 2 ranks
+                     "ep=2,dp_shard=2,activation_checkpointing=full",  # blocks recomputed in the backward
+                     "ep=2,dp_shard=2,activation_checkpointing=moe_only"]  # ... keeping the all-to-alls
 SCENARIOS = ["dropless", "capacity", "skewed"]
 
 
@@ -228,6 +230,12 @@ def test_layouts_match_one_process(mesh_results: Path, layout: str, world: int, 
         assert all(abs(r["ce"] - r["ce_full_batch"]) < TOL for r in results)
     if scenario == "skewed" and "ep=" in layout:  # a rank whose experts got no rows still took part
         assert any(r["received"][0] == 0 for r in results) and any(r["received"][0] > 0 for r in results)
+    if "activation_checkpointing" in layout:  # full: the backward runs every all-to-all again; moe_only: none
+        plain = [json.loads((mesh_results / f"{worker_name('ep=2,dp_shard=2')}-{scenario}-rank{r}.json").read_text())
+                 for r in range(world)]
+        again = 2 if layout.endswith("=full") else 1
+        assert [r["all_to_alls"] for r in results] == [again * r["all_to_alls"] for r in plain]
+        assert all(r["all_to_alls"] > 0 for r in plain)
     if layout == "ep=4,dp_shard=1,ep_intra=2":  # within the node, then across: what each rank computes is the flat's
         flat = [json.loads((mesh_results / f"{worker_name('ep=4,dp_shard=1')}-{scenario}-rank{r}.json").read_text())
                 for r in range(world)]

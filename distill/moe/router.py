@@ -73,8 +73,8 @@ class Router(nn.Module):
             if self.renormalize and self.top_k > 1:
                 gates = gates / gates.sum(dim=-1, keepdim=True)
             counts = torch.bincount(expert_idx.flatten(), minlength=self.num_experts)
-            if self.training and self.balance_bias is not None:
-                self.balance_counts += counts
+            if self.training and self.balance_bias is not None and torch._C._current_graph_task_id() == -1:
+                self.balance_counts += counts  # once per forward: not again when a backward recomputes it
             # Switch load balancing, normalised over T*k pairs so that perfect balance gives 1.0 for any k
             # (sigmoid scores are normalised per token first, as in DeepSeek-V3).
             frac = counts.float() / expert_idx.numel()

@@ -37,6 +37,7 @@ class ParallelConfig:
     # ranks per node inside an expert-parallel group: exchange within a node first, then across (null: flat)
     ep_intra: Optional[int] = None
     reshard_after_forward: bool = True  # ZeRO-3: free the gathered block after its forward
+    activation_checkpointing: str = "none"  # none | full | moe_only (recompute, but keep the all-to-alls)
     param_dtype: Optional[str] = None  # FSDP compute dtype (e.g. bfloat16); null: the parameters' own
     reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
 
@@ -74,6 +75,9 @@ class ParallelConfig:
             raise ConfigError(f"{key}.ep_intra", f"must be an integer >= 1 that divides {key}.ep={sizes['ep']}, "
                               f"got {intra!r}.", "use the GPUs per node (trainer.devices), or null for a flat "
                               "all-to-all.")
+        if self.activation_checkpointing not in ("none", "full", "moe_only"):
+            raise ConfigError(f"{key}.activation_checkpointing", f"unknown value {self.activation_checkpointing!r}.",
+                              "use none, full or moe_only (recompute the blocks but keep the all-to-all outputs).")
         for key_, value in (("param_dtype", self.param_dtype), ("reduce_dtype", self.reduce_dtype)):
             if value is not None and value not in DTYPES:
                 raise ConfigError(f"{key}.{key_}", f"unknown dtype {value!r}.", f"use one of {list(DTYPES)}.")
@@ -94,6 +98,7 @@ class TeacherParallelConfig:
     tp: Optional[int] = None
     ep_intra: Optional[int] = None
     reshard_after_forward: Optional[bool] = None
+    activation_checkpointing: Optional[str] = None
     param_dtype: Optional[str] = None
     reduce_dtype: Optional[str] = None
 

@@ -15,6 +15,7 @@ nothing here imports Lightning). Works on a model built on the meta device (then
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from distill.moe import GroupedExperts, LocalDispatcher, MoELayer
+from distill.parallel.checkpointing import checkpoint_block
 from distill.parallel.config import ParallelConfig
 from distill.parallel.dispatch import AllToAllDispatcher, CommTimer
 from distill.parallel.hierarchical import HierarchicalAllToAllDispatcher, Traffic
@@ -109,6 +111,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, layout: ParallelConfig | N
             layer.experts.set_gradient_divide_factor(float(mesh.world_size))
             if mesh.device_type == "cpu" and fsdp_mesh.size() > 1:  # gloo has no pre-multiplied sum: SUM, scale
                 layer.experts.set_force_sum_reduction_for_comms(True)
+        checkpoint_block(block, layout.activation_checkpointing)
         fully_shard(block, mesh=mesh.dense, **shard)
     fully_shard(model, mesh=mesh.dense, reshard_after_forward=False, mp_policy=mp)
     return model
@@ -140,7 +143,7 @@ def parallelize_frozen(model: nn.Module, mesh: ParallelMesh, timer: CommTimer | 
     """A frozen model (a teacher) laid out on `mesh`: every FSDP module, the root included, reshards after its
     forward (there is no backward to free the gathered parameters, so between forwards a rank holds only its
     shards), and the forward may be called under inference mode. Collective, like `parallelize`."""
-    parallelize(model, mesh, timer=timer)
+    parallelize(model, mesh, dataclasses.replace(mesh.layout, activation_checkpointing="none"), timer=timer)
     model.set_reshard_after_forward(True)  # type: ignore[operator]
     OutsideInferenceMode(model)
     return model.eval().requires_grad_(False)
