@@ -12,8 +12,9 @@ objective is the mean token CE (the load-balancing loss of a micro-batch is not 
   four:  A  fresh at ep=2 x dp_shard=2;  D  B's step 2 resumed at ep=2 x dp_shard=2;
          R  the killed run resumed from its newest good checkpoint (as resume=auto picks it);
          K  distillation, student ep=2 x dp_shard=2, teacher ep=4
-  one:   C1 A's step 2 resumed on one process;  E  B's step 2 resumed on one process;  K1 distillation
-  two2:  C2 A's step 2 resumed at ep=2
+  one:   F  fresh with Lightning's one-device strategy (single-file checkpoints);
+         C1 A's step 2 resumed on one process;  E  B's step 2 resumed on one process;  K1 distillation
+  two2:  C2 A's step 2 resumed at ep=2;  G  F's step-2 file resumed at ep=2
 
 Each run's per-step loss (the mean over the step's M micro-batches) goes to OUT_DIR/JOB.json (rank 0).
 """
@@ -69,7 +70,10 @@ class RecordLosses(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, module: Any) -> None:
         gathered: list[Any] = [None] * trainer.world_size
-        dist.all_gather_object(gathered, self.local)
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, self.local)
+        else:  # Lightning's one-device strategy: no process group
+            gathered = [self.local]
         per_step: dict[int, list[float]] = {}
         for rank_losses in gathered:
             for step, loss in rank_losses:
@@ -106,7 +110,7 @@ class KillAll(Callback):
             time.sleep(60)
 
 
-def fit(module: L.LightningModule, layout: dict[str, int], ckpt_dir: Path | None, resume: Path | None,
+def fit(module: L.LightningModule, layout: dict[str, int] | None, ckpt_dir: Path | None, resume: Path | None,
         teacher_layout: dict[str, int] | None = None, kill_at: int | None = None) -> dict[int, float]:
     rank, world = RANK, WORLD
     record = RecordLosses()
@@ -116,7 +120,8 @@ def fit(module: L.LightningModule, layout: dict[str, int], ckpt_dir: Path | None
                                          save_top_k=-1, auto_insert_metric_name=False))
     trainer = L.Trainer(
         accelerator="cpu", devices=world,
-        strategy=MeshStrategy(layout, teacher_layout=teacher_layout, timeout_s=60, process_group_backend="gloo"),
+        strategy=("auto" if layout is None  # Lightning's own one-device strategy, single-file checkpoints
+                  else MeshStrategy(layout, teacher_layout=teacher_layout, timeout_s=60, process_group_backend="gloo")),
         max_steps=MAX_STEPS, gradient_clip_val=0.5, logger=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, use_distributed_sampler=False,
@@ -187,6 +192,7 @@ def main(out: Path, job: str) -> None:
         res["S_teacher_calls"], res["S_released"] = module.teacher_calls, module.teacher_released
         res["S_teachers_alive"] = int(alive.item())
     elif job == "one":
+        res["F"] = fit(lm(), None, out / "F", None)  # strategy=auto: a .ckpt file
         res["C1"] = fit(lm(seed=5), {}, None, out / "A" / "step2.ckpt")
         res["E"] = fit(lm(seed=5), {}, None, out / "B" / "step2.ckpt")
         module = distill()
@@ -195,6 +201,7 @@ def main(out: Path, job: str) -> None:
         res["K1_teacher_calls"] = module.teacher_calls
     elif job == "two2":
         res["C2"] = fit(lm(seed=5), {"ep": 2, "dp_shard": 1}, None, out / "A" / "step2.ckpt")
+        res["G"] = fit(lm(seed=5), {"ep": 2, "dp_shard": 1}, None, out / "F" / "step2.ckpt")  # the file, on a mesh
     if RANK == 0:
         (out / f"{job}.json").write_text(json.dumps(res))
 

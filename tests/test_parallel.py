@@ -271,8 +271,11 @@ def test_lightning_checkpoints_resume_at_any_layout(tmp_path: Path) -> None:
     for step in a:  # ep=2 on 2 processes trains exactly like ep=2 x dp_shard=2 on 4
         assert abs(a[step] - b[step]) < TOL, (step, a[step], b[step])
     # saved at ep=2 x dp_shard=2 (A), resumed on 1 process (C1) and at ep=2 (C2); saved at ep=2 (B), resumed
-    # at ep=2 x dp_shard=2 (D) and on 1 process (E); the SIGKILLed run resumed from its last good checkpoint (R)
-    for run, ref in (("C1", a), ("C2", a), ("D", b), ("E", b), ("R", a)):
+    # at ep=2 x dp_shard=2 (D) and on 1 process (E); the SIGKILLed run resumed from its last good checkpoint (R);
+    # a one-process .ckpt file written by Lightning's own strategy (F) resumed at ep=2 (G)
+    f = {int(k): v for k, v in res["F"].items()}  # one device, Lightning's own strategy: the same training
+    assert all(abs(f[step] - a[step]) < TOL for step in a)
+    for run, ref in (("C1", a), ("C2", a), ("D", b), ("E", b), ("R", a), ("G", f)):
         got = {int(k): v for k, v in res[run].items()}
         assert sorted(got) == [2, 3], (run, got)
         for step in got:

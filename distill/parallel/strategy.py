@@ -191,8 +191,6 @@ class MeshStrategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        if not is_sharded_checkpoint(path):  # a one-process .ckpt file: Lightning loads and shards it
-            return super().load_checkpoint(path, weights_only=weights_only)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -201,6 +199,8 @@ class MeshStrategy(ModelParallelStrategy):
         )
 
         assert self.lightning_module is not None
+        if not is_sharded_checkpoint(path):
+            return self._load_file_checkpoint(path, weights_only)
         problem, _ = inspect_sharded(path)  # every rank reads the same files: all raise alike, before DCP
         model_state = get_model_state_dict(self.lightning_module)
         problem = problem or _architecture(path, model_state)
@@ -216,6 +216,30 @@ class MeshStrategy(ModelParallelStrategy):
             set_optimizer_state_dict(self.lightning_module, _unwrap(opt), optim_state_dict=state[f"optimizer_{i}"],
                                      options=StateDictOptions(cpu_offload=True))
         return meta
+
+    def _load_file_checkpoint(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        """A one-process `.ckpt` file (strategy=auto): every rank memory-maps it and keeps its shards. Its
+        optimizer state is keyed by position in the optimizer's parameter groups, which are rebuilt in the
+        same order here, so each position is mapped to its parameter's name (Lightning's own conversion
+        assumes the order of `named_parameters`, which the weight-decay groups do not keep)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        module = self.lightning_module
+        assert module is not None
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only is not False)
+        full = StateDictOptions(full_state_dict=True, strict=module.strict_loading)
+        set_model_state_dict(module, ckpt.pop("state_dict"), options=full)
+        names = {id(p): n for n, p in module.named_parameters()}
+        for opt, saved in zip(self.optimizers, ckpt.pop("optimizer_states", [])):
+            order = [names[id(p)] for group in _unwrap(opt).param_groups for p in group["params"]]
+            keyed = {"state": {order[i]: v for i, v in saved["state"].items()},
+                     "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+            set_optimizer_state_dict(module, _unwrap(opt), keyed, options=full)
+        return ckpt
 
     def teardown(self) -> None:
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
