@@ -25,17 +25,12 @@ register_configs()
 @exit_on_config_error  # a submitit job (run without run_app) also exits 2 with one line
 def main(cfg: DictConfig) -> None:
     spec = resolve(cfg, "distill")  # every check, before Lightning and the data libraries load
-    from distill.stage import distill_stage, run_stage
+    from distill.stage import distill_stage, run_stage, say
 
     summary, _ = run_stage(spec, distill_stage(spec))
-    from lightning.pytorch.utilities import rank_zero_only
-
-    if rank_zero_only.rank == 0:  # every rank ran the stage; one prints its summary
-        print(
-            f"[distill] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
-            f"KD stopped at step {summary['kd_stop_step']}  teacher calls {summary['teacher_calls']}  "
-            f"export -> {summary['export_dir']}"
-        )
+    say(f"[distill] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
+        f"KD stopped at step {summary['kd_stop_step']}  teacher calls {summary['teacher_calls']}  "
+        f"export -> {summary['export_dir']}")
 
 
 if __name__ == "__main__":

@@ -68,15 +68,17 @@ def check_strategy_arguments(strategy: Mapping[str, Any]) -> None:
         raise ConfigError(f"strategy.{key}", f"is not an argument of {target}.", fix)
 
 
-MESH_STRATEGY = "distill.parallel.MeshStrategy"
-
-
 def _is_mesh_strategy(target: str) -> bool:
+    """Whether ``target`` names the mesh strategy (or a subclass); False when it does not import
+    (`check_strategy_arguments` names that)."""
     from hydra.utils import get_object
 
     from distill.parallel.strategy import MeshStrategy
 
-    obj = get_object(target)
+    try:
+        obj = get_object(target)
+    except Exception:
+        return False
     return isinstance(obj, type) and issubclass(obj, MeshStrategy)
 
 
@@ -111,7 +113,7 @@ def resolve_strategy(node: Mapping[str, Any], world: int | None, models: Iterabl
     models (``teacher`` against its own layout) and handed to it."""
     strategy = dict(node)
     target = strategy.get("_target_")
-    mesh = target is not None and _is_known(target) and _is_mesh_strategy(target)
+    mesh = target is not None and _is_mesh_strategy(target)
     if not mesh:
         for key, layout in (("parallel", parallel), ("teacher.parallel", teacher_parallel)):
             if layout is not None and (key == "teacher.parallel" or layout != ParallelConfig()):
@@ -142,12 +144,3 @@ def resolve_strategy(node: Mapping[str, Any], world: int | None, models: Iterabl
         strategy["teacher_layout"] = None if teacher_parallel is None else dataclasses.asdict(teacher_parallel)
     return strategy
 
-
-def _is_known(target: str) -> bool:
-    try:
-        from hydra.utils import get_object
-
-        get_object(target)
-        return True
-    except Exception:
-        return False  # check_strategy_arguments names it

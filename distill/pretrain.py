@@ -27,16 +27,11 @@ register_configs()
 @exit_on_config_error  # a submitit job (run without run_app) also exits 2 with one line
 def main(cfg: DictConfig) -> dict[str, Any]:
     spec = resolve(cfg, "pretrain")  # every check, before Lightning and the data libraries load
-    from distill.stage import pretrain_stage, run_stage
+    from distill.stage import pretrain_stage, run_stage, say
 
     summary, _ = run_stage(spec, pretrain_stage(spec))
-    from lightning.pytorch.utilities import rank_zero_only
-
-    if rank_zero_only.rank == 0:  # every rank ran the stage; one prints its summary
-        print(
-            f"[pretrain] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
-            f"train {summary['train_tokens_per_s']:.0f} tok/s  export -> {summary['export_dir']}"
-        )
+    say(f"[pretrain] val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
+        f"train {summary['train_tokens_per_s']:.0f} tok/s  export -> {summary['export_dir']}")
     return summary
 
 

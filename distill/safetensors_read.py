@@ -65,7 +65,7 @@ class SafetensorsFiles:
             try:
                 start, entries = _header(file)
             except Exception as err:  # unreadable JSON, a short file, a truncated one
-                raise ConfigError(key, f"{file} is not a complete safetensors file "
+                raise ConfigError(key, f"{file} is not a readable safetensors file "
                                   f"({str(err).splitlines()[0]}).", fix) from None
             for name, entry in entries.items():
                 if name in self.entries:

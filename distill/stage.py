@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 
 from distill.data import LMDataModule
 from distill.data.resumable import ResumableDataModule
@@ -42,6 +43,12 @@ class Stage:
     init_fresh: Callable[[LMModule], None] | None = None  # only when the stage does not resume
     teacher: dict[str, str] | None = None  # {path, sha256}: run_info.json and the export's metadata
     extra_callbacks: list = field(default_factory=list)
+
+
+@rank_zero_only
+def say(line: str) -> None:
+    """Print a stage's one-line summary once: every rank ran the stage, rank 0 speaks."""
+    print(line, flush=True)
 
 
 def prepare_data(spec: RunSpec) -> LMDataModule:

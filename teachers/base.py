@@ -34,7 +34,7 @@ import torch
 from distill.data.config import TokenizerConfig
 from distill.errors import ConfigError
 from distill.models import GPT, ModelConfig
-from distill.parallel.load import LazyTensor, Loaded, build_sharded, lazy_reader
+from distill.parallel.load import LazyTensor, Loaded, SafetensorsFiles, build_sharded, lazy_reader
 
 KEY = "teacher.path"
 
@@ -93,14 +93,7 @@ def with_tied_names(found: Mapping[str, LazyTensor], cfg: ModelConfig) -> dict[s
 def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes in a safetensors file, from its header (no tensor is read); ConfigError when the file
     is not a complete safetensors file (garbage, truncated)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), "pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception as err:  # SafetensorError for a bad header, a truncated file, ...
-        raise ConfigError(KEY, f"{file} is not a readable safetensors file ({str(err).splitlines()[0]}).",
-                          "re-export or re-download the teacher; the file is damaged or incomplete.") from None
+    return SafetensorsFiles([file], KEY).shapes()
 
 
 class TeacherSource(ABC):

@@ -19,8 +19,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-MODES = ("none", "full", "moe_only")
-
 
 def _recompute_in_backward(module: nn.Module) -> None:
     inner = module.forward

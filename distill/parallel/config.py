@@ -26,6 +26,7 @@ from distill.errors import ConfigError
 
 DIMS = ("dp_replicate", "dp_shard", "ep", "tp")
 DTYPES = ("float32", "bfloat16", "float16")
+CHECKPOINTING = ("none", "full", "moe_only")  # parallel.activation_checkpointing (distill/parallel/checkpointing.py)
 
 
 @dataclass
@@ -75,7 +76,7 @@ class ParallelConfig:
             raise ConfigError(f"{key}.ep_intra", f"must be an integer >= 1 that divides {key}.ep={sizes['ep']}, "
                               f"got {intra!r}.", "use the GPUs per node (trainer.devices), or null for a flat "
                               "all-to-all.")
-        if self.activation_checkpointing not in ("none", "full", "moe_only"):
+        if self.activation_checkpointing not in CHECKPOINTING:
             raise ConfigError(f"{key}.activation_checkpointing", f"unknown value {self.activation_checkpointing!r}.",
                               "use none, full or moe_only (recompute the blocks but keep the all-to-all outputs).")
         for key_, value in (("param_dtype", self.param_dtype), ("reduce_dtype", self.reduce_dtype)):

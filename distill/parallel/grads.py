@@ -47,9 +47,10 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     """Clip like `torch.nn.utils.clip_grad_norm_` on one process holding the whole model; returns the norm."""
     params = [p for p in params if p.grad is not None]
     total = total_grad_norm(params)
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(coef.item() if isinstance(p.grad, DTensor) else coef.to(p.grad.device))
+    coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))  # one host sync per step, not one per parameter
+    if coef < 1.0:  # a factor of 1.0 changes nothing: skip the pass over every gradient
+        for p in params:
+            p.grad.mul_(coef)
     return total
 
 

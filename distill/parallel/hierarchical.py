@@ -46,17 +46,18 @@ class Traffic:
         self.bytes += sum(n for n, r in zip(splits, remote) if r) * row_bytes
 
 
-def _perm(sizes: torch.Tensor, order: list[tuple[int, int]]) -> torch.Tensor:
-    """Index that reads the chunks of a buffer laid out row-major as `sizes` [A, B] in the order `order`."""
-    flat = sizes.flatten()
-    starts = (flat.cumsum(0) - flat).view_as(sizes)
+def _perm(sizes: torch.Tensor, order: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """Index (on `device`) that reads the chunks of a buffer laid out row-major as `sizes` [A, B] in the order
+    `order`."""
+    sizes = sizes.cpu()  # one copy to the host; the chunk bounds are read from it
+    starts = (sizes.flatten().cumsum(0) - sizes.flatten()).view_as(sizes)
     parts = [torch.arange(int(starts[a, b]), int(starts[a, b] + sizes[a, b])) for a, b in order]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
 
 
 def _inverse(index: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(index)
-    inv[index] = torch.arange(index.numel())
+    inv[index] = torch.arange(index.numel(), device=index.device)
     return inv
 
 
@@ -90,12 +91,12 @@ class HierarchicalAllToAllDispatcher:
         rows = C.sum(2)  # [source, destination] rows
         mine = rows[self.pos].view(I, J)  # my rows per destination (m, j')
         # stage 1, within the node: to (n, j') the rows for (m, j'), m = 0..I-1
-        perm1 = _perm(mine, [(m, jj) for jj in range(J) for m in range(I)])
+        perm1 = _perm(mine, [(m, jj) for jj in range(J) for m in range(I)], tokens.device)
         send1 = mine.sum(0).tolist()
         got1 = torch.stack([rows[n * J + jj].view(I, J)[:, j] for jj in range(J)])  # [j''][m] received sizes
         recv1 = got1.sum(1).tolist()
         # stage 2, across nodes: regroup [j''][m] -> [m][j''], to node m its part
-        perm2 = _perm(got1, [(jj, m) for m in range(I) for jj in range(J)])
+        perm2 = _perm(got1, [(jj, m) for m in range(I) for jj in range(J)], tokens.device)
         send2 = got1.sum(0).tolist()
         recv2 = [int(rows[mm * J : (mm + 1) * J, self.pos].sum()) for mm in range(I)]
         steps = [(perm1, _inverse(perm1), send1, recv1, self.intra, [False] * J),

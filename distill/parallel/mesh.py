@@ -87,10 +87,3 @@ class ParallelMesh:
         """(within-node group, across-node group) of a hierarchical layer of group g."""
         root = self.expert_root(g)
         return root["ep_intra"].get_group(), root["ep_inter"].get_group()
-
-    def data_rank(self, rank: int) -> tuple[int, int]:
-        """(number of data-parallel ranks, this rank's index): every rank reads its own micro-batch."""
-        return self.world_size, rank
-
-    def describe(self) -> dict[str, Any]:
-        return {"layout": self.layout.describe(), "world": self.world_size}
