@@ -199,7 +199,9 @@ def test_student_with_fewer_experts_takes_the_first_experts(checkpoints):
     assert init_student_from_teacher(student, HFTeacher(checkpoints["mixtral"]).student_init_model(student.cfg), s) == [1]
     moe, ref = student.blocks[0].ffn, hf.model.layers[1].mlp
     torch.testing.assert_close(moe.router.weight, ref.gate.weight[:2], atol=0, rtol=0)
-    torch.testing.assert_close(moe.experts.w_in, ref.experts.gate_up_proj[:2].transpose(1, 2), atol=0, rtol=0)
+    gate, up = ref.experts.gate_up_proj[:2].transpose(1, 2).chunk(2, dim=2)  # SwiGLU units interleaved in ours
+    torch.testing.assert_close(moe.experts.w_in[..., 0::2], gate, atol=0, rtol=0)
+    torch.testing.assert_close(moe.experts.w_in[..., 1::2], up, atol=0, rtol=0)
     torch.testing.assert_close(moe.experts.w_out, ref.experts.down_proj[:2].transpose(1, 2), atol=0, rtol=0)
     torch.testing.assert_close(student.wte.weight, hf.model.embed_tokens.weight[:TOKENIZER_VOCAB], atol=0, rtol=0)
 

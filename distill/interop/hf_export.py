@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from distill.interop.hf_config import hf_config_from_model
-from distill.interop.hf_weights import Rule, weight_rules
+from distill.interop.hf_weights import Rule, unfuse, weight_rules
 from distill.models import GPT, ModelConfig
 from distill.safetensors_stream import Entry, is_writer_rank, write_gathered
 
@@ -57,11 +57,7 @@ class _HFPlan:
     def convert(self, rule: Rule, value: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Our tensor `value` of `rule` as (name, tensor) in the hub's file layout (`state_to_hf`, one rule)."""
         _, theirs, how = rule
-        value = value.to(self.dtype)
-        if how == "cat":
-            parts = value.split([self.targets[k].shape[0] for k in theirs])
-        else:
-            parts = (value.transpose(1, 2) if how == "t" else value,)
+        parts = unfuse(how, value.to(self.dtype), self.cfg)
         hf = {k: p for k, p in zip(theirs, parts) if k in self.kept}
         for k, p in hf.items():
             if p.shape != self.targets[k].shape:

@@ -20,11 +20,15 @@ import torch
 from distill.errors import ConfigError
 from distill.interop.hf_config import hf_config_from_model, model_config_from_hf
 from distill.models import GPT, ModelConfig
+from distill.models.fused import GLU_GROUP_SIZES, deinterleave, interleave, qkv_group_sizes
 
-# (our key, the transformers keys it is made of, how): "copy"; "cat" = concatenated along dim 0 (fused
-# q/k/v, SwiGLU [gate | up]); "t" = dims 1 and 2 swapped (stacked experts); "rows" = may keep only the
-# first rows of the transformers tensor (vocabulary padding, experts a student does not keep).
+# (our key, the transformers keys it is made of, how): "copy"; "qkv" = q, k, v interleaved by key/value
+# head, "glu" = SwiGLU gate and up interleaved by unit (`distill.models.fused`); "t" = dims 1 and 2 swapped
+# (stacked experts); "t_glu" = swapped, then its [gate | up] halves interleaved (stacked SwiGLU experts);
+# "rows" = may keep only the first rows of the transformers tensor (vocabulary padding, experts a student
+# does not keep; also for "t" and "t_glu").
 Rule = tuple[str, tuple[str, ...], str]
+FIRST_ROWS = ("rows", "t", "t_glu")
 
 if TYPE_CHECKING:
     from distill.parallel.load import LazyTensor, SafetensorsFiles
@@ -46,30 +50,53 @@ def weight_rules(cfg: ModelConfig) -> list[Rule]:
         rules += [
             (o + "ln_1.weight", (h + "input_layernorm.weight",), "copy"),
             (o + "ln_2.weight", (h + "post_attention_layernorm.weight",), "copy"),
-            (o + "attn.c_attn.weight", tuple(f"{att}{p}_proj.weight" for p in "qkv"), "cat"),
+            (o + "attn.c_attn.weight", tuple(f"{att}{p}_proj.weight" for p in "qkv"), "qkv"),
             (o + "attn.c_proj.weight", (att + "o_proj.weight",), "copy"),
         ]
         if cfg.qkv_bias:
-            rules.append((o + "attn.c_attn.bias", tuple(f"{att}{p}_proj.bias" for p in "qkv"), "cat"))
+            rules.append((o + "attn.c_attn.bias", tuple(f"{att}{p}_proj.bias" for p in "qkv"), "qkv"))
         if not cfg.is_moe_block(i):
             rules += [
-                (o + "ffn.c_fc.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), "cat"),
+                (o + "ffn.c_fc.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), "glu"),
                 (o + "ffn.c_proj.weight", (mlp + "down_proj.weight",), "copy"),
             ]
             continue
         rules += [
             (o + "ffn.router.weight", (mlp + "gate.weight",), "rows"),
-            (o + "ffn.experts.w_in", (mlp + "experts.gate_up_proj",), "t"),
+            (o + "ffn.experts.w_in", (mlp + "experts.gate_up_proj",), "t_glu"),
             (o + "ffn.experts.w_out", (mlp + "experts.down_proj",), "t"),
         ]
         if cfg.moe.num_shared_experts:
             sh = mlp + "shared_expert."
             rules += [
-                (o + "ffn.shared_mlp.w_in.weight", (sh + "gate_proj.weight", sh + "up_proj.weight"), "cat"),
+                (o + "ffn.shared_mlp.w_in.weight", (sh + "gate_proj.weight", sh + "up_proj.weight"), "glu"),
                 (o + "ffn.shared_mlp.w_out.weight", (sh + "down_proj.weight",), "copy"),
                 (o + "ffn.shared_gate.weight", (mlp + "shared_expert_gate.weight",), "copy"),
             ]
     return rules
+
+
+def fuse(how: str, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """Our tensor from the transformers tensors of a rule (see `Rule`)."""
+    if how == "qkv":
+        return interleave(parts, qkv_group_sizes(cfg))
+    if how == "glu":
+        return interleave(parts, GLU_GROUP_SIZES)
+    if how in ("t", "t_glu"):
+        value = parts[0].transpose(1, 2)
+        return interleave(value.chunk(2, dim=2), GLU_GROUP_SIZES, 2) if how == "t_glu" else value
+    return parts[0]
+
+
+def unfuse(how: str, value: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    """The transformers tensors of a rule from ours: the inverse of `fuse`."""
+    if how == "qkv":
+        return deinterleave(value, qkv_group_sizes(cfg))
+    if how == "glu":
+        return deinterleave(value, GLU_GROUP_SIZES)
+    if how == "t_glu":
+        return [torch.cat(deinterleave(value, GLU_GROUP_SIZES, 2), 2).transpose(1, 2)]
+    return [value.transpose(1, 2) if how == "t" else value]
 
 
 def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig,
@@ -84,9 +111,9 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig,
             raise ConfigError("teacher.path", f"the checkpoint lacks {missing[0]} (an unexpected layout).")
         used.update(theirs)
         parts = [hf_state[k] for k in theirs]
-        value = torch.cat(parts) if how == "cat" else parts[0].transpose(1, 2) if how == "t" else parts[0]
+        value = fuse(how, parts, cfg)
         want = targets[ours].shape
-        if how in ("rows", "t") and value.shape[1:] == want[1:] and value.shape[0] >= want[0]:
+        if how in FIRST_ROWS and value.shape[1:] == want[1:] and value.shape[0] >= want[0]:
             value = value[: want[0]]
         if value.shape != want:
             raise ConfigError("teacher.path", f"its {theirs[0]} of shape {tuple(parts[0].shape)} does not "
@@ -103,12 +130,7 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig,
     """A transformers state dict (shaped like `targets`) from ours: the inverse of `state_from_hf`."""
     out = {}
     for ours, theirs, how in weight_rules(cfg):
-        value = state[ours]
-        if how == "cat":
-            parts = value.split([targets[k].shape[0] for k in theirs])
-        else:
-            parts = (value.transpose(1, 2) if how == "t" else value,)
-        out.update({k: p.contiguous() for k, p in zip(theirs, parts)})
+        out.update({k: p.contiguous() for k, p in zip(theirs, unfuse(how, state[ours], cfg))})
     return out
 
 
@@ -171,7 +193,7 @@ def hf_file_tensors(cfg: ModelConfig, files: SafetensorsFiles, key: str = "teach
     """Our GPT's tensors (for `cfg`, converted from the checkpoint's config) as lazy views of a Hugging Face
     checkpoint's safetensors files: `weight_rules` applied region by region, nothing read yet. A missing
     tensor, a shape that does not fit, or a stored tensor no rule uses is a ConfigError naming `key`."""
-    from distill.parallel.load import Cat, Transposed
+    from distill.parallel.load import Interleaved, Narrow, Transposed
 
     with torch.device("meta"):
         targets = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
@@ -187,9 +209,16 @@ def hf_file_tensors(cfg: ModelConfig, files: SafetensorsFiles, key: str = "teach
             if part is None:
                 raise ConfigError(key, f"the checkpoint's files lack {name} (an unexpected layout).")
             parts.append(part)
-        value = Cat(parts) if how == "cat" else Transposed(parts[0], 1, 2) if how == "t" else parts[0]
+        value = parts[0]
+        if how in ("qkv", "glu"):
+            value = Interleaved(parts, qkv_group_sizes(cfg) if how == "qkv" else GLU_GROUP_SIZES)
+        elif how in ("t", "t_glu"):
+            value = Transposed(parts[0], 1, 2)
+            if how == "t_glu":
+                half = value.shape[2] // 2
+                value = Interleaved([Narrow(value, 2, 0, half), Narrow(value, 2, half, half)], GLU_GROUP_SIZES, 2)
         want, got = targets[ours], tuple(value.shape)
-        fits = got == want or (how in ("rows", "t") and got[1:] == want[1:] and got[0] >= want[0])
+        fits = got == want or (how in FIRST_ROWS and got[1:] == want[1:] and got[0] >= want[0])
         if not fits:
             raise ConfigError(key, f"its {theirs[0]} (as {got}) does not fit our `{ours}` of shape {want}.")
         out[ours] = value

@@ -112,9 +112,12 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
-        # q, k, v projections fused: [n_heads | n_kv_heads | n_kv_heads] * head_dim outputs
-        self.qkv_sizes = [cfg.d_model, self.n_kv_heads * cfg.head_dim, self.n_kv_heads * cfg.head_dim]
-        self.c_attn = nn.Linear(cfg.d_model, sum(self.qkv_sizes), bias=cfg.qkv_bias)
+        # q, k, v projections fused and grouped by key/value head: for each KV head g, the rows of its
+        # n_heads / n_kv_heads query heads, then k_g, then v_g (head_dim rows each). A contiguous slice of
+        # whole groups is the attention of those heads alone (a tensor-parallel rank's share), so the
+        # forward below infers the number of groups from the tensor it gets.
+        self.group = self.n_heads // self.n_kv_heads
+        self.c_attn = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -124,10 +127,10 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
-        B, L, d = x.shape
-        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=-1)
-        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = (t.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
+        B, L, _ = x.shape
+        qkv = self.c_attn(x).view(B, L, -1, self.group + 2, self.head_dim)
+        q, k, v = (t.reshape(B, L, -1, self.head_dim).transpose(1, 2)
+                   for t in qkv.split([self.group, 1, 1], dim=3))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0
         if cache is not None:
@@ -142,13 +145,13 @@ class CausalSelfAttention(nn.Module):
             mask = torch.arange(start + L, device=x.device)[None, :] <= q_pos[:, None]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=self.group > 1,
         )
-        return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
-    """The dense FFN: Linear -> GELU -> Linear, or SwiGLU (`c_fc` projects to [gate | up])."""
+    """The dense FFN: Linear -> GELU -> Linear, or SwiGLU (`c_fc` projects to interleaved gate and up units)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

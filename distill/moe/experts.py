@@ -13,15 +13,19 @@ from torch import nn
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """GELU on h [.., f], or SwiGLU on h [.., 2f] = [gate | up] -> silu(gate) * up."""
+    """GELU on h [.., f], or SwiGLU on h [.., 2f] -> silu(gate) * up.
+
+    SwiGLU's gate and up units are interleaved (gate_0, up_0, gate_1, up_1, ...), so that any contiguous
+    slice of whole pairs is a smaller SwiGLU of its own: a tensor-parallel rank's slice of the input
+    projection computes its slice of the hidden units (`distill.parallel.tensor`)."""
     if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = h.unflatten(-1, (-1, 2)).unbind(-1)
         return F.silu(gate) * up
     return F.gelu(h)
 
 
 def in_width(d_ff: int, activation: str) -> int:
-    """Width of the input projection: SwiGLU projects to gate and up at once."""
+    """Width of the input projection: SwiGLU projects to gate and up at once (interleaved, see `activate`)."""
     return 2 * d_ff if activation == "swiglu" else d_ff
 
 

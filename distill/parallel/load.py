@@ -6,9 +6,10 @@ only its slices of the weights files.
   a tuple of slices in global coordinates), reads persistent buffers whole and zeroes the others.
 - `SafetensorsFiles` opens one or more safetensors files (headers checked first: a missing or truncated
   file is a ConfigError, raised before any collective) and reads slices with ``get_slice(name)[index]``.
-- Lazy tensors (`Stored`, `Loaded`, `Cat`, `Stack`, `Transposed`) describe a tensor made of stored ones
-  (fused q/k/v, per-expert files stacked, transposed experts); ``read(index)`` reads only what the region
-  needs. `lazy_reader` turns a name -> lazy tensor map into a ``read`` function.
+- Lazy tensors (`Stored`, `Loaded`, `Cat`, `Stack`, `Transposed`, `Narrow`, `Interleaved`) describe a
+  tensor made of stored ones (per-expert files stacked, transposed experts, fused q/k/v and SwiGLU
+  projections interleaved as `distill.models.fused` lays them out); ``read(index)`` reads only what the
+  region needs. `lazy_reader` turns a name -> lazy tensor map into a ``read`` function.
 - `build_sharded(cfg, mesh, read, dtype)`: the GPT on the meta device, parallelized, materialised, loaded,
   frozen (eval mode, no gradients), resharding after every forward, callable under inference mode: a
   sharded teacher.
@@ -168,6 +169,55 @@ class Transposed(LazyTensor):
         swapped = list(index)
         swapped[self.a], swapped[self.b] = swapped[self.b], swapped[self.a]
         return self.inner.read(tuple(swapped)).transpose(self.a, self.b)
+
+
+class Narrow(LazyTensor):
+    """`inner[start:start + length]` along `dim`."""
+
+    def __init__(self, inner: LazyTensor, dim: int, start: int, length: int):
+        self.inner, self.dim, self.start = inner, dim, start
+        shape = list(inner.shape)
+        shape[dim] = length
+        self.shape = tuple(shape)
+
+    def read(self, index: Index) -> torch.Tensor:
+        want = index[self.dim]
+        moved = slice(want.start + self.start, want.stop + self.start)
+        return self.inner.read(index[: self.dim] + (moved,) + index[self.dim + 1 :])
+
+
+class Interleaved(LazyTensor):
+    """`distill.models.fused.interleave(parts, sizes, dim)`, lazily: a region reads, from each part, only the
+    groups it covers (whole groups; the region is cut out of them)."""
+
+    def __init__(self, parts: list[LazyTensor], sizes: tuple[int, ...], dim: int = 0):
+        groups = {p.shape[dim] // s for p, s in zip(parts, sizes)}
+        if len(groups) != 1 or any(p.shape[dim] % s for p, s in zip(parts, sizes)):
+            raise ValueError(f"cannot interleave shapes {[p.shape for p in parts]} in groups of {sizes}")
+        self.parts, self.sizes, self.dim = parts, tuple(sizes), dim
+        shape = list(parts[0].shape)
+        shape[dim] = groups.pop() * sum(sizes)
+        self.shape = tuple(shape)
+
+    def read(self, index: Index) -> torch.Tensor:
+        from distill.models.fused import interleave
+
+        d, want, unit = self.dim, index[self.dim], sum(self.sizes)
+        g0, g1 = want.start // unit, -(-want.stop // unit)
+        pieces, offset = [], 0
+        for part, s in zip(self.parts, self.sizes):
+            # this part's rows inside the region: one contiguous range of the part (whole groups between a
+            # partial first and last one); read exactly those, placed in zeros that complete the groups
+            a = g0 * s + min(max(want.start - g0 * unit - offset, 0), s)
+            b = (g1 - 1) * s + min(max(want.stop - (g1 - 1) * unit - offset, 0), s) if g1 > g0 else a
+            got = part.read(index[:d] + (slice(a, b),) + index[d + 1 :])
+            shape = list(got.shape)
+            shape[d] = (g1 - g0) * s
+            block = got.new_zeros(shape)
+            block.narrow(d, a - g0 * s, b - a).copy_(got)
+            pieces.append(block)
+            offset += s
+        return interleave(pieces, self.sizes, d).narrow(d, want.start - g0 * unit, want.stop - want.start)
 
 
 def lazy_reader(tensors: Mapping[str, LazyTensor], key: str = "teacher.path") -> Reader:

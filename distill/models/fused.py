@@ -1,0 +1,52 @@
+"""The layout of the fused projections, and conversions to and from their parts.
+
+Two projections hold several tensors in one: attention's `c_attn` (q, k, v) and SwiGLU's input projection
+(gate, up). Both are interleaved in groups along their fused dimension, so that every contiguous slice of
+whole groups is a smaller projection of the same kind (what a tensor-parallel rank holds):
+
+- `c_attn` rows: for each key/value head g, its n_heads / n_kv_heads query heads, then k_g, then v_g;
+- SwiGLU units: gate_0, up_0, gate_1, up_1, ... (`distill.moe.experts.activate`).
+
+`interleave` builds the fused tensor from its parts (e.g. transformers' q_proj, k_proj, v_proj), and
+`deinterleave` is its inverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from distill.models.config import ModelConfig
+
+
+def qkv_group_sizes(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Rows of q, k and v in each key/value-head group of `c_attn`."""
+    hd = cfg.head_dim
+    return (cfg.n_heads // cfg.kv_heads) * hd, hd, hd
+
+
+GLU_GROUP_SIZES = (1, 1)  # SwiGLU: one gate unit, then one up unit
+
+
+def interleave(parts: Sequence[torch.Tensor], sizes: Sequence[int], dim: int = 0) -> torch.Tensor:
+    """`parts` cut along `dim` into groups of `sizes[i]` and interleaved group by group: group 0 of every
+    part, then group 1 of every part, ... Every part must have the same number of groups."""
+    dim = dim % parts[0].dim()
+    groups = {p.shape[dim] // s for p, s in zip(parts, sizes)}
+    if len(groups) != 1 or any(p.shape[dim] % s for p, s in zip(parts, sizes)):
+        raise ValueError(f"parts of sizes {[p.shape[dim] for p in parts]} along dim {dim} do not split into the "
+                         f"same number of groups of {list(sizes)}")
+    n = groups.pop()
+    split = [p.unflatten(dim, (n, s)) for p, s in zip(parts, sizes)]
+    return torch.cat(split, dim + 1).flatten(dim, dim + 1)
+
+
+def deinterleave(fused: torch.Tensor, sizes: Sequence[int], dim: int = 0) -> list[torch.Tensor]:
+    """The parts `interleave` made `fused` of (contiguous tensors)."""
+    dim = dim % fused.dim()
+    unit = sum(sizes)
+    if fused.shape[dim] % unit:
+        raise ValueError(f"dim {dim} of size {fused.shape[dim]} is not a whole number of groups of {unit}")
+    grouped = fused.unflatten(dim, (fused.shape[dim] // unit, unit))
+    return [p.flatten(dim, dim + 1).contiguous() for p in grouped.split(list(sizes), dim + 1)]
