@@ -209,7 +209,27 @@ class PipelineConfig(DistillConfig):
     stage: str = "pipeline"
 
 
-SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "distill": DistillConfig, "pipeline": PipelineConfig}
+@dataclass
+class PlanSettings:
+    """The `plan` node of ``python -m distill.plan``."""
+
+    device_memory_gb: Optional[float] = None  # GiB per device; a layout whose largest rank needs more is refused
+
+
+@dataclass
+class PlanConfig:
+    """``python -m distill.plan``: the model, the micro-batch (`data.batch_size` x `data.seq_len`), the world
+    (`trainer.devices` x `trainer.num_nodes`), the layout (`parallel`) and the device's memory (`plan`)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    plan: PlanSettings = field(default_factory=PlanSettings)
+
+
+SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "distill": DistillConfig, "pipeline": PipelineConfig,
+                            "plan": PlanConfig}
 
 
 def register_configs() -> None:

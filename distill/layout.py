@@ -84,8 +84,8 @@ def _is_mesh_strategy(target: str) -> bool:
 
 def check_layout(layout: ParallelConfig, world: int | None, key: str, models: Iterable[ModelConfig],
                  ranks_per_node: int | None = None) -> None:
-    """The layout fits the world (nothing to check while the world size is unknown: devices=auto) and every
-    MoE layer of ``models`` splits over its ``ep``."""
+    """The layout fits the world (nothing to check while the world size is unknown: devices=auto), every
+    MoE layer of ``models`` splits over its ``ep`` and their heads, vocabulary and hidden units over its ``tp``."""
     from distill.parallel.mesh import layer_group_size
 
     if world is None:
@@ -98,6 +98,10 @@ def check_layout(layout: ParallelConfig, world: int | None, key: str, models: It
     for model in models:
         for experts in model.num_experts:
             layer_group_size(experts, resolved.ep, what=f"a MoE layer of {model.name}", key=key)
+        if resolved.tp > 1:
+            from distill.parallel.tensor import check_tensor_parallel
+
+            check_tensor_parallel(model, resolved.tp, key)
 
 
 def _first_changed(layout: ParallelConfig) -> str:

@@ -15,6 +15,9 @@ objective is the mean token CE (the load-balancing loss of a micro-batch is not 
   one:   F  fresh with Lightning's one-device strategy (single-file checkpoints);
          C1 A's step 2 resumed on one process;  E  B's step 2 resumed on one process;  K1 distillation
   two2:  C2 A's step 2 resumed at ep=2;  G  F's step-2 file resumed at ep=2
+  tp:    T  fresh at tp=2 x ep=2 (tensor-expert: the two ranks of a tp group read the same rows);
+         KT distillation, student tp=2 x ep=2, teacher tp=2 x dp_shard=2
+  one:   (also) T1 T's step 2 resumed on one process
 
 Each run's per-step loss (the mean over the step's M micro-batches) goes to OUT_DIR/JOB.json (rank 0).
 """
@@ -127,7 +130,8 @@ def fit(module: L.LightningModule, layout: dict[str, int] | None, ckpt_dir: Path
         enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, use_distributed_sampler=False,
     )
     start = inspect_checkpoint(resume)[1] if resume else 0
-    trainer.fit(module, train_dataloaders=loader(rank, world, start or 0),
+    tp = (layout or {}).get("tp", 1)  # a tensor-parallel group shares one data-parallel rank's rows
+    trainer.fit(module, train_dataloaders=loader(rank // tp, world // tp, start or 0),
                 ckpt_path=str(resume) if resume else None)
     return record.steps
 
@@ -191,7 +195,16 @@ def main(out: Path, job: str) -> None:
         dist.all_reduce(alive)
         res["S_teacher_calls"], res["S_released"] = module.teacher_calls, module.teacher_released
         res["S_teachers_alive"] = int(alive.item())
+    elif job == "tp":
+        res["T"] = fit(lm(), {"tp": 2, "ep": 2, "dp_shard": 1}, out / "T", None)
+        module = distill()
+        res["KT"] = fit(module, {"tp": 2, "ep": 2, "dp_shard": 1}, None, None,
+                        teacher_layout={"tp": 2, "dp_shard": 2})
+        kd = module.step_terms["kd"].detach().clone()
+        dist.all_reduce(kd)
+        res["KT_kd"] = float(kd) / WORLD
     elif job == "one":
+        res["T1"] = fit(lm(seed=5), {}, None, out / "T" / "step2.ckpt")
         res["F"] = fit(lm(), None, out / "F", None)  # strategy=auto: a .ckpt file
         res["C1"] = fit(lm(seed=5), {}, None, out / "A" / "step2.ckpt")
         res["E"] = fit(lm(seed=5), {}, None, out / "B" / "step2.ckpt")

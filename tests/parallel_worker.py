@@ -22,11 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distill.models import GPT, ModelConfig, lm_loss
+from distill.losses import lm_loss
+from distill.models import GPT, ModelConfig
 from distill.moe import MoEConfig
 from distill.parallel.config import ParallelConfig
 from distill.parallel.dispatch import CommTimer
 from distill.parallel.grads import all_reduce_balance_counts, balance_count_buffers, clip_grad_norm_
+from distill.parallel.hierarchical import Traffic
 from distill.parallel.mesh import ParallelMesh
 from distill.parallel.parallelize import parallelize
 
@@ -54,20 +56,30 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def tp_sharded(p: torch.Tensor) -> bool:
+    """Whether a parameter is split over the mesh dimension ``tp``."""
+    mesh = getattr(p, "device_mesh", None)
+    names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+    return "tp" in names and p.placements[names.index("tp")].is_shard()
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (full(a).float() - b.float()).abs().max().item() if b.numel() else 0.0
 
 
+def parse_value(v: str) -> int | bool | str:
+    return int(v) if v.lstrip("-").isdigit() else {"true": True, "false": False}.get(v, v)
+
+
 def parse_layout(text: str) -> ParallelConfig:
-    return ParallelConfig(**{k: int(v) if v.lstrip("-").isdigit() else v
-                             for k, v in (kv.split("=") for kv in text.split(","))})
+    return ParallelConfig(**{k: parse_value(v) for k, v in (kv.split("=") for kv in text.split(","))})
 
 
 def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -> None:
     spec = SCENARIOS[scenario]
     layout = parse_layout(layout_text).resolve(world)
     n_moe = len(spec["num_experts"])
-    cfg = ModelConfig(name="t", vocab_size=VOCAB, d_model=32, n_layers=2 * n_moe, n_heads=2, max_seq_len=SEQ,
+    cfg = ModelConfig(name="t", vocab_size=VOCAB, d_model=32, n_layers=2 * n_moe, n_heads=4, max_seq_len=SEQ,
                       num_experts=spec["num_experts"], moe=spec["moe"])
     torch.manual_seed(0)
     ref = GPT(cfg)
@@ -76,7 +88,7 @@ def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -
             layer.router.balance_bias[0] = 10.0
     model = copy.deepcopy(ref)
     ids = torch.randint(VOCAB, (world * BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    micro = ids.split(BATCH)
+    micro = ids.split(BATCH * layout.tp)  # one micro-batch per data-parallel rank (a tensor-parallel group shares one)
 
     # reference: one process, all experts, the global batch as W micro-batches
     ref_terms = [objective(ref, m) for m in micro]
@@ -88,16 +100,17 @@ def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -
 
     mesh = ParallelMesh(layout)
     timer = CommTimer(enabled=True)  # counts the all-to-alls the dispatchers run, recomputations included
-    parallelize(model, mesh, timer=timer)
+    traffic = Traffic(1)  # every other rank counted as remote: the bytes this rank's all-to-alls send away
+    parallelize(model, mesh, timer=timer, traffic=traffic)
     received = []  # rows each rank's experts compute, per MoE layer
     for layer in model.moe_layers:
         layer.experts.register_forward_pre_hook(lambda mod, args: received.append(int(args[1].sum())))
-    loss, ce = objective(model, micro[rank])
+    loss, ce = objective(model, micro[rank // layout.tp])
     loss.backward()
     losses = torch.stack([loss.detach(), ce.detach()])
     dist.all_reduce(losses)
     losses /= world
-    all_reduce_balance_counts(model)
+    all_reduce_balance_counts(model, copies=layout.tp)
     ref_params = dict(ref.named_parameters())
     params = dict(model.named_parameters())
     assert params.keys() == ref_params.keys(), sorted(set(params) ^ set(ref_params))
@@ -117,13 +130,15 @@ def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -
     opt.step()
     weight_diff = max(max_diff(p, ref_params[n].detach()) for n, p in params.items())
     local = sum(p.to_local().numel() for p in params.values())
+    tp_whole = sorted(n for n, p in params.items() if not tp_sharded(p))  # held whole by every tp rank
     total = sum(p.numel() for p in ref.parameters())
     result = {"rank": rank, "layout": layout.describe(), "received": received, "loss": losses[0].item(),
               "loss_ref": ref_loss.item(), "ce": losses[1].item(), "ce_full_batch": full_ce.item(),
               "grad_diff": grad_diff, "norm": norm.item(), "norm_ref": norm_ref.item(),
               "clipped_grad_diff": clipped_diff, "weight_diff": weight_diff, "local_params": local,
               "total_params": total, "counts": counts, "ref_counts": ref_counts,
-              "all_to_alls": timer.calls,
+              "all_to_alls": timer.calls, "a2a_bytes": traffic.bytes, "tp_other": traffic.other,
+              "tp_whole": tp_whole, "tp_whole_numel": sum(ref_params[n].numel() for n in tp_whole),
               "experts": {n: [p.to_local().shape[0], p.shape[0]] for n, p in params.items() if "experts." in n}}
     name = layout_text.replace(",", "_").replace("=", "")
     (out_dir / f"{name}-{scenario}-rank{rank}.json").write_text(json.dumps(result))

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from distill.errors import ConfigError
-from distill.models import GPT, ModelConfig, configure_optimizer_groups, lm_loss
+from distill.losses import lm_loss
+from distill.models import GPT, ModelConfig, configure_optimizer_groups
 from distill.moe import MoEConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"

@@ -59,10 +59,12 @@ def run_worker(script: Path, args: list[str], world: int, timeout: float = 120) 
     ({"dp_replicate": 2, "dp_shard": 2}, 4, (2, 2, 1)),
     ({"dp_replicate": -1, "dp_shard": 1}, 8, (8, 1, 1)),
     ({"ep": 2}, 1 * 2, (1, 1, 2)),
+    ({"tp": 2, "ep": 2}, 8, (1, 2, 2)),  # dp_shard is the rest after ep x tp
 ])
 def test_layouts_fill_the_world(sizes: dict, world: int, expected: tuple) -> None:
     lay = ParallelConfig(**sizes).resolve(world)
     assert (lay.dp_replicate, lay.dp_shard, lay.ep) == expected
+    assert lay.data_parallel * lay.tp == world
 
 
 @pytest.mark.parametrize("sizes, world, key", [
@@ -70,7 +72,8 @@ def test_layouts_fill_the_world(sizes: dict, world: int, expected: tuple) -> Non
     ({"ep": 2, "dp_shard": 1}, 4, "parallel.ep"),  # product 2, world 4
     ({"ep": -1, "dp_shard": -1}, 4, "parallel.ep"),  # two rests
     ({"ep": 0}, 4, "parallel.ep"),
-    ({"tp": 2}, 4, "parallel.tp"),
+    ({"tp": 3}, 4, "parallel.tp"),  # 3 does not divide 4
+    ({"tp": 2, "ep": 4}, 4, "parallel.ep"),  # product 8, world 4
     ({"dp_shard": 2.5}, 4, "parallel.dp_shard"),
 ])
 def test_bad_layouts_name_the_config_keys(sizes: dict, world: int, key: str) -> None:
@@ -190,7 +193,13 @@ def test_bad_sharded_checkpoints_are_named(tmp_path: Path) -> None:
 FOUR_RANK_LAYOUTS = ["dp_shard=4", "ep=4,dp_shard=1", "ep=2,dp_shard=2", "dp_replicate=2,dp_shard=2",
                      "ep=4,dp_shard=1,ep_intra=2",  # hierarchical all-to-all, 2 nodes x 2 ranks
                      "ep=2,dp_shard=2,activation_checkpointing=full",  # blocks recomputed in the backward
-                     "ep=2,dp_shard=2,activation_checkpointing=moe_only"]  # ... keeping the all-to-alls
+                     "ep=2,dp_shard=2,activation_checkpointing=moe_only",  # ... keeping the all-to-alls
+                     "tp=2,ep=2,dp_shard=1",  # tensor-expert-data: duplicate tokens dropped (the default)
+                     "tp=2,ep=2,dp_shard=1,drop_duplicate_tokens=false",
+                     "tp=2,dp_shard=2", "tp=4,dp_shard=1"]
+# held whole by every rank of a tensor-parallel group: norms, routers, the residual mixing and shared gates,
+# and the biases added after a row-parallel reduction
+TP_WHOLE = re.compile(r".*(ln_\d|ln_f|router|coef|shared_gate)\..*|.*(c_proj|w_out)\.bias")
 SCENARIOS = ["dropless", "capacity", "skewed"]
 
 
@@ -203,7 +212,7 @@ def mesh_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mesh")
     run_worker(TESTS / "parallel_worker.py", [str(out), "ep=2,dp_shard=1", ",".join(SCENARIOS)], world=2)
     run_worker(TESTS / "parallel_worker.py", [str(out), ";".join(FOUR_RANK_LAYOUTS), ",".join(SCENARIOS)],
-               world=4, timeout=240)
+               world=4, timeout=420)
     return out
 
 
@@ -225,7 +234,19 @@ def test_layouts_match_one_process(mesh_results: Path, layout: str, world: int, 
         assert res["counts"] == res["ref_counts"]  # aux-loss-free balancing counts summed over the ranks
     held = sum(r["local_params"] for r in results)
     replicas = 2 if layout.startswith("dp_replicate=2") else 1
-    assert held == replicas * total  # every parameter held once per replica: no rank holds a full copy
+    tp = int(re.search(r"tp=(\d)", layout)[1]) if "tp=" in layout else 1
+    # every parameter held once per replica (no rank holds a full copy), those kept whole under tensor
+    # parallelism once per tp rank
+    assert held == replicas * (total + (tp - 1) * results[0]["tp_whole_numel"])
+    if tp > 1:
+        assert results[0]["tp_whole"] and all(TP_WHOLE.fullmatch(n) for n in results[0]["tp_whole"]), results[0]
+    if "drop_duplicate_tokens=false" in layout:  # each tp rank sent every row; dropping: its share only
+        dropped = [json.loads((mesh_results / f"{worker_name(layout.rsplit(',', 1)[0])}-{scenario}-rank{r}.json")
+                              .read_text()) for r in range(world)]
+        assert [r["loss"] for r in dropped] == pytest.approx([r["loss"] for r in results], abs=1e-6)
+        assert sum(r["a2a_bytes"] for r in results) == tp * sum(r["a2a_bytes"] for r in dropped) > 0
+        assert all("tp_all_reduce" in r["tp_other"] for r in results)
+        assert all("tp_all_gather" in r["tp_other"] and "tp_reduce_scatter" in r["tp_other"] for r in dropped)
     if scenario == "dropless":  # no drops: the loss of one forward over the whole global batch too
         assert all(abs(r["ce"] - r["ce_full_batch"]) < TOL for r in results)
     if scenario == "skewed" and "ep=" in layout:  # a rank whose experts got no rows still took part
@@ -260,10 +281,11 @@ def test_lightning_checkpoints_resume_at_any_layout(tmp_path: Path) -> None:
     killed = run_ranks(cmd, 4, timeout=240, cwd=ROOT)
     assert any(code == -9 for code, _ in killed), [out[-2000:] for _, out in killed]
     run_worker(worker, [str(tmp_path), "four"], world=4, timeout=300)
+    run_worker(worker, [str(tmp_path), "tp"], world=4, timeout=240)
     run_worker(worker, [str(tmp_path), "one"], world=1, timeout=240)
     run_worker(worker, [str(tmp_path), "two2"], world=2, timeout=240)
     res = {}
-    for job in ("two", "four", "one", "two2"):
+    for job in ("two", "four", "tp", "one", "two2"):
         res.update(json.loads((tmp_path / f"{job}.json").read_text()))
     a = {int(k): v for k, v in res["A"].items()}
     b = {int(k): v for k, v in res["B"].items()}
@@ -275,7 +297,10 @@ def test_lightning_checkpoints_resume_at_any_layout(tmp_path: Path) -> None:
     # a one-process .ckpt file written by Lightning's own strategy (F) resumed at ep=2 (G)
     f = {int(k): v for k, v in res["F"].items()}  # one device, Lightning's own strategy: the same training
     assert all(abs(f[step] - a[step]) < TOL for step in a)
-    for run, ref in (("C1", a), ("C2", a), ("D", b), ("E", b), ("R", a), ("G", f)):
+    t = {int(k): v for k, v in res["T"].items()}  # tp=2 x ep=2 trains exactly like ep=2 x dp_shard=2
+    assert all(abs(t[step] - a[step]) < TOL for step in a), (t, a)
+    # ... T's step 2 (saved at tp=2 x ep=2) resumed on one process (T1)
+    for run, ref in (("C1", a), ("C2", a), ("D", b), ("E", b), ("R", a), ("G", f), ("T1", t)):
         got = {int(k): v for k, v in res[run].items()}
         assert sorted(got) == [2, 3], (run, got)
         for step in got:
@@ -288,6 +313,9 @@ def test_lightning_checkpoints_resume_at_any_layout(tmp_path: Path) -> None:
     k, k1 = res["K"], res["K1"]
     assert all(abs(k[s] - k1[s]) < TOL for s in k1) and res["K_teacher_calls"] == res["K1_teacher_calls"] == 4
     assert res["K_kd"] > 0 and abs(res["K_kd"] - res["K1_kd"]) < TOL  # the KD term itself, last step
+    # ... and with the student at tp=2 x ep=2 and the teacher at tp=2 x dp_shard=2 (vocabulary-parallel KD)
+    kt = res["KT"]
+    assert all(abs(kt[s] - k1[s]) < TOL for s in k1) and abs(res["KT_kd"] - res["K1_kd"]) < TOL
     # staged KD: the teacher ran until the stop step, then was released and freed on every rank
     assert res["S_teacher_calls"] == 2 and res["S_released"] and res["S_teachers_alive"] == 0
 

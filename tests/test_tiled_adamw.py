@@ -12,7 +12,8 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_dev
 
 from distill.config import OptimConfig
 from distill.errors import ConfigError
-from distill.models import GPT, ModelConfig, configure_optimizer_groups, lm_loss
+from distill.losses import lm_loss
+from distill.models import GPT, ModelConfig, configure_optimizer_groups
 from distill.moe import MoEConfig
 from distill.train.optim import build_optimizer
 from distill.train.tiled_adamw import TiledAdamW

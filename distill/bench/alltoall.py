@@ -24,7 +24,8 @@ LAYOUTS = {"flat": None, "hierarchical": 2}
 def worker(steps: int) -> None:
     import torch.distributed as dist
 
-    from distill.models import GPT, ModelConfig, lm_loss
+    from distill.losses import lm_loss
+    from distill.models import GPT, ModelConfig
     from distill.moe import MoEConfig
     from distill.parallel.config import ParallelConfig
     from distill.parallel.hierarchical import Traffic

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distill.models import GPT, ModelConfig, lm_loss
+from distill.losses import lm_loss
+from distill.models import GPT, ModelConfig
 from distill.moe import MoEConfig
 from distill.parallel.config import ParallelConfig
 

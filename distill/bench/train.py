@@ -22,7 +22,8 @@ from distill.bench import median_ratio, time_interleaved
 from distill.config import OptimConfig
 from distill.export import export_model
 from distill.kd import KDConfig, KDSchedule
-from distill.models import GPT, ModelConfig, lm_loss
+from distill.losses import lm_loss
+from distill.models import GPT, ModelConfig
 from distill.train.distill_module import DistillModule
 from distill.train.lm_module import LMModule
 from students.config import StudentConfig

@@ -1,9 +1,8 @@
-"""The decoder: a GPT with (PR-)MoE FFNs, its config schema, loss and optimizer-group helpers."""
+"""The decoder: a GPT with (PR-)MoE FFNs, its config schema and optimizer-group helper (its loss: distill.losses)."""
 
 from distill.models.config import ModelConfig
 from distill.models.gpt import GPT, ModelOutput
 from distill.models.layers import KVCache
-from distill.models.loss import lm_loss
 from distill.models.optim import configure_optimizer_groups
 
 __all__ = [
@@ -12,5 +11,4 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "configure_optimizer_groups",
-    "lm_loss",
 ]

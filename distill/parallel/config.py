@@ -8,7 +8,10 @@
   sharded over ``dp_shard x ep`` ranks; an expert's parameters are sharded over the ranks that hold
   that expert.
 - ``dp_replicate``: HSDP, whole replicas of the sharded model (``dp_replicate=W`` is plain DDP).
-- ``tp``: reserved for tensor parallelism; must be 1.
+- ``tp``: tensor parallelism (`distill.parallel.tensor`): attention heads, MLP and expert hidden units and
+  the vocabulary split over ``tp`` consecutive ranks, which share one micro-batch. With
+  ``drop_duplicate_tokens`` (default) each of them sends only its share of the rows through the expert
+  all-to-all (DeepSpeed-TED).
 - ``ep_intra``: the ranks of one node inside an expert-parallel group (must divide ``ep``): the all-to-all
   then runs within the node first, then across nodes (`distill.parallel.hierarchical`).
 
@@ -34,7 +37,8 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: the rest of the world
     ep: int = 1
-    tp: int = 1  # reserved for tensor parallelism
+    tp: int = 1  # tensor parallelism: tp consecutive ranks share a micro-batch and split the large weights
+    drop_duplicate_tokens: bool = True  # with tp > 1: each tp rank sends only its share through the all-to-all
     # ranks per node inside an expert-parallel group: exchange within a node first, then across (null: flat)
     ep_intra: Optional[int] = None
     reshard_after_forward: bool = True  # ZeRO-3: free the gathered block after its forward
@@ -52,9 +56,6 @@ class ParallelConfig:
         for dim, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
                 raise ConfigError(f"{key}.{dim}", f"must be an integer >= 1 or -1 (the rest), got {value!r}.")
-        if sizes["tp"] != 1:
-            raise ConfigError(f"{key}.tp", f"tensor parallelism is not available yet (got {sizes['tp']}).",
-                              f"set {key}.tp=1.")
         rest = [d for d, v in sizes.items() if v == -1]
         if len(rest) > 1:
             raise ConfigError(f"{key}.{rest[1]}", f"only one dimension may be -1, but {rest} are.",
@@ -87,6 +88,11 @@ class ParallelConfig:
     def describe(self) -> str:
         return " x ".join(f"{d}={getattr(self, d)}" for d in DIMS if getattr(self, d) != 1) or "one process"
 
+    @property
+    def data_parallel(self) -> int:
+        """Ranks reading different micro-batches: every rank but the tensor-parallel copies."""
+        return self.dp_replicate * self.dp_shard * self.ep
+
 
 @dataclass
 class TeacherParallelConfig:
@@ -97,6 +103,7 @@ class TeacherParallelConfig:
     dp_shard: Optional[int] = None
     ep: Optional[int] = None
     tp: Optional[int] = None
+    drop_duplicate_tokens: Optional[bool] = None
     ep_intra: Optional[int] = None
     reshard_after_forward: Optional[bool] = None
     activation_checkpointing: Optional[str] = None
@@ -109,11 +116,11 @@ class TeacherParallelConfig:
 
 
 def _largest(sizes: dict[str, int]) -> str:
-    return max((d for d in DIMS if d != "tp" and d in sizes), key=lambda d: sizes[d])
+    return max((d for d in DIMS if d in sizes), key=lambda d: sizes[d])
 
 
 def _world_fix(key: str) -> str:
-    return (f"make {key}.dp_replicate x dp_shard x ep equal the world size, or set one of them to -1 "
+    return (f"make {key}.dp_replicate x dp_shard x ep x tp equal the world size, or set one of them to -1 "
             "(the rest).")
 
 

@@ -62,12 +62,15 @@ def balance_count_buffers(root: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def all_reduce_balance_counts(root: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Sum the balancing counts over the data-parallel ranks (all ranks), so that every rank moves its
-    router bias by the global load. Entered by every rank."""
+def all_reduce_balance_counts(root: nn.Module, group: dist.ProcessGroup | None = None, copies: int = 1) -> None:
+    """Sum the balancing counts over the ranks (all ranks), so that every rank moves its router bias by the
+    global load; `copies` ranks saw each token (the tensor-parallel ranks, which share a micro-batch): the
+    sum is divided by it. Entered by every rank."""
     counts = balance_count_buffers(root)
     if counts and dist.is_initialized() and dist.get_world_size(group) > 1:
         flat = torch.cat(counts)
         dist.all_reduce(flat, group=group)
+        if copies > 1:
+            flat = flat.div(copies, rounding_mode="floor") if not flat.is_floating_point() else flat / copies
         for buf, total in zip(counts, flat.split([c.numel() for c in counts])):
             buf.copy_(total)

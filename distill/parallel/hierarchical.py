@@ -35,6 +35,10 @@ class Traffic:
         self.ranks_per_node = ranks_per_node
         self.messages = 0
         self.bytes = 0
+        self.other: dict[str, int] = {}  # bytes received or sent by other collectives, by kind (tensor parallelism)
+
+    def count(self, kind: str, nbytes: int) -> None:
+        self.other[kind] = self.other.get(kind, 0) + nbytes
 
     def add_flat(self, splits: list[int], pos: int, row_bytes: int) -> None:
         """A flat exchange from group rank `pos`: splits[d] rows to group rank d."""

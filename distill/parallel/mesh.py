@@ -1,11 +1,14 @@
 """Device meshes of a resolved `ParallelConfig` (docs/architecture.md, "Parallel layouts").
 
-Ranks are laid out ``dp_replicate x dp_shard x ep`` in row-major order, so an expert-parallel group is
-``ep`` consecutive ranks. Every rank is a data-parallel rank of the dense parameters: they live on the
-`dense` mesh ``(dp_replicate, dp_shard * ep)``. A MoE layer with E experts uses ``g = min(ep, E)`` ranks
-(g must divide ep and E); its mesh is ``(dp_replicate, edp, ep)`` with ``edp = dp_shard * ep / g``, where
-the ``ep`` dimension (g ranks, consecutive) splits the experts and ``(dp_replicate, edp)`` are the ranks
-holding the same experts: FSDP shards the expert parameters over them.
+Ranks are laid out ``dp_replicate x dp_shard x ep x tp`` in row-major order, so a tensor-parallel group is
+``tp`` consecutive ranks (one node's fast links) and an expert-parallel group is ``ep`` ranks ``tp`` apart.
+Every rank outside tensor parallelism is a data-parallel rank of the dense parameters: FSDP shards them
+over the `dense` mesh ``(dp_replicate, dp_shard * ep)``, and ``tp`` splits them (`tensor`). A MoE layer
+with E experts uses ``g = min(ep, E)`` ranks (g must divide ep and E); its mesh is
+``(dp_replicate, edp, ep, tp)`` with ``edp = dp_shard * ep / g``, where the ``ep`` dimension (g ranks)
+splits the experts, ``tp`` their hidden units, and ``(dp_replicate, edp)`` are the ranks holding the same
+expert slices: FSDP shards the expert parameters over them. Without tensor parallelism the meshes have no
+``tp`` dimension.
 """
 
 from __future__ import annotations
@@ -41,25 +44,37 @@ class ParallelMesh:
     def __init__(self, layout: ParallelConfig, device_type: str = "cpu"):
         self.layout = layout
         self.device_type = device_type
+        self._root: DeviceMesh | None = None
         self._dense: DeviceMesh | None = None
         self._experts: dict[int, DeviceMesh] = {}
 
     @property
     def world_size(self) -> int:
-        lay = self.layout
-        return lay.dp_replicate * lay.dp_shard * lay.ep
+        return self.layout.data_parallel * self.layout.tp
 
     def _mesh(self, shape: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+        if self.layout.tp > 1:
+            shape, names = (*shape, self.layout.tp), (*names, "tp")
         return init_device_mesh(self.device_type, shape, mesh_dim_names=names)
+
+    def _dense_root(self) -> DeviceMesh:
+        if self._root is None:
+            lay = self.layout
+            self._root = self._mesh((lay.dp_replicate, lay.dp_shard * lay.ep), ("dp_replicate", "dp_shard"))
+        return self._root
 
     @property
     def dense(self) -> DeviceMesh:
         """FSDP mesh of the dense parameters: (dp_shard * ep) or (dp_replicate, dp_shard * ep) for HSDP."""
         if self._dense is None:
-            lay = self.layout
-            root = self._mesh((lay.dp_replicate, lay.dp_shard * lay.ep), ("dp_replicate", "dp_shard"))
-            self._dense = root if lay.dp_replicate > 1 else root["dp_shard"]
+            root = self._dense_root()
+            self._dense = root["dp_replicate", "dp_shard"] if self.layout.dp_replicate > 1 else root["dp_shard"]
         return self._dense
+
+    @property
+    def tp(self) -> DeviceMesh | None:
+        """The tensor-parallel mesh of the dense parameters (None without tensor parallelism)."""
+        return self._dense_root()["tp"] if self.layout.tp > 1 else None
 
     def ranks_per_node(self, g: int) -> int | None:
         """J of a hierarchical all-to-all for a layer of group g (`parallel.ep_intra`), or None: flat."""
@@ -76,12 +91,13 @@ class ParallelMesh:
                                 if J else self._mesh((lay.dp_replicate, edp, g), ("dp_replicate", "edp", "ep")))
         return self._experts[g]
 
-    def experts(self, g: int) -> tuple[DeviceMesh, DeviceMesh]:
-        """(FSDP mesh of the ranks holding the same experts, the g-rank expert-parallel mesh) of a layer of group g."""
+    def experts(self, g: int) -> tuple[DeviceMesh, DeviceMesh, DeviceMesh]:
+        """(FSDP mesh of the ranks holding the same expert slices, the g-rank expert-parallel mesh, the mesh the
+        expert parameters are sharded on: the expert-parallel one, or (ep, tp)) of a layer of group g."""
         root = self.expert_root(g)
         fsdp = root["dp_replicate", "edp"] if self.layout.dp_replicate > 1 else root["edp"]
         ep = root["ep_inter", "ep_intra"]._flatten("ep") if self.ranks_per_node(g) else root["ep"]
-        return fsdp, ep
+        return fsdp, ep, (root["ep", "tp"] if self.layout.tp > 1 else ep)
 
     def node_groups(self, g: int) -> tuple[Any, Any]:
         """(within-node group, across-node group) of a hierarchical layer of group g."""

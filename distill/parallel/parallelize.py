@@ -2,15 +2,18 @@
 nothing here imports Lightning). Works on a model built on the meta device (then materialise it with
 ``to_empty`` and load or initialise it) as well as on a built one.
 
-1. Expert parallelism: each MoE layer's stacked expert parameters become DTensors sharded on dim 0 over
-   the layer's expert-parallel mesh (g = min(ep, E) ranks), and the layer gets an all-to-all dispatcher.
-   The grouped experts compute with the local tensors (forward hooks swap them in and back out), so the
-   model code never sees a DTensor.
-2. ZeRO-3 (FSDP2 `fully_shard`): per MoE layer the experts over the ranks that hold the same experts
-   (sharded on dim 1, next to the expert dim), then per block the dense parameters over all data-parallel
-   ranks, then the root (embeddings, final norm, head). The expert gradients are divided by the world size,
-   not by the replicas of each expert: the all-to-all backward already summed the g ranks of the group, so
-   the result equals data parallelism with replicated experts.
+1. Tensor parallelism (``tp`` > 1, `distill.parallel.tensor`): the dense weights split over ``tp`` with
+   DTensor parallel styles; the experts' hidden units split with them in step 2.
+2. Expert parallelism: each MoE layer's stacked expert parameters become DTensors sharded on dim 0 over
+   the layer's expert-parallel mesh (g = min(ep, E) ranks; and on their hidden dim over ``tp``), and the
+   layer gets an all-to-all dispatcher. The grouped experts compute with the local tensors (forward hooks
+   swap them in and back out), so the model code never sees a DTensor.
+3. ZeRO-3 (FSDP2 `fully_shard`): per MoE layer the experts over the ranks that hold the same experts
+   (sharded on dim 1, next to the expert dim; w_out on dim 2 under tensor parallelism, which splits dim 1),
+   then per block the dense parameters over all data-parallel ranks, then the root (embeddings, final norm,
+   head). The expert gradients are divided by the number of data-parallel ranks, not by the replicas of
+   each expert: the all-to-all backward already summed the g ranks of the group, so the result equals data
+   parallelism with replicated experts.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from distill.parallel.config import ParallelConfig
 from distill.parallel.dispatch import AllToAllDispatcher, CommTimer
 from distill.parallel.hierarchical import HierarchicalAllToAllDispatcher, Traffic
 from distill.parallel.mesh import ParallelMesh, layer_group_size
+from distill.parallel.tensor import check_tensor_parallel, expert_tp_dim, tensor_parallel_dense
+from distill.parallel.tensor_experts import TensorExpertDispatcher
 
 
 def moe_layers(root: nn.Module) -> list[tuple[str, MoELayer]]:
@@ -65,21 +70,36 @@ class _LocalExpertWeights:
 
 
 def shard_experts(layer: MoELayer, ep_mesh: Any, timer: CommTimer | None = None, dispatcher: Any = None,
-                  traffic: Traffic | None = None) -> None:
+                  traffic: Traffic | None = None, param_mesh: Any = None) -> None:
     """Keep this rank's dim-0 slice of the layer's experts as DTensors on `ep_mesh`; all-to-all dispatch
-    (`dispatcher`, or the flat one over `ep_mesh`)."""
+    (`dispatcher`, or the flat one over `ep_mesh`). With a 2-D `param_mesh` (ep, tp), also this rank's slice
+    of the hidden units (the dispatcher then sums the slices' outputs: `TensorExpertDispatcher`)."""
     experts: GroupedExperts = layer.experts
     g, pos = ep_mesh.size(), ep_mesh.get_local_rank()
     n = layer.num_experts // g
+    param_mesh = param_mesh if param_mesh is not None else ep_mesh
+    tp, t = (param_mesh.size(1), param_mesh.get_local_rank(1)) if param_mesh.ndim == 2 else (1, 0)
     for name, p in list(experts.named_parameters(recurse=False)):
         local = p.detach()[pos * n : (pos + 1) * n]
-        local = local if local.is_meta else local.clone()
-        dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
+        placements = [Shard(0)]
+        if tp > 1:
+            dim = expert_tp_dim(name)
+            width = local.shape[dim] // tp
+            local, placements = local.narrow(dim, t * width, width), [Shard(0), Shard(dim)]
+        local = local.contiguous() if local.is_meta else local.clone(memory_format=torch.contiguous_format)
+        dt = DTensor.from_local(local, param_mesh, placements, run_check=False)
         experts.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
     experts.expert_offset = pos * n
     layer.dispatcher = dispatcher or (AllToAllDispatcher(ep_mesh.get_group(), g, n, timer, traffic) if g > 1
                                       else LocalDispatcher())
     _LocalExpertWeights(experts)
+
+
+def _expert_fsdp_dim(experts: GroupedExperts, tp: int) -> Any:
+    """FSDP's placement of an expert parameter: next to the expert dim (1), or for w_out under tensor
+    parallelism (which splits its dim 1) dim 2."""
+    w_out = experts.w_out
+    return lambda p: Shard(2 if tp > 1 and p is w_out else 1)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -94,21 +114,30 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, layout: ParallelConfig | N
     """
     layout = layout or mesh.layout
     check_moe_layers(model, layout.ep)
+    check_tensor_parallel(model.cfg, layout.tp)
     mp = MixedPrecisionPolicy(param_dtype=_dtype(layout.param_dtype), reduce_dtype=_dtype(layout.reduce_dtype))
     shard = dict(reshard_after_forward=layout.reshard_after_forward, mp_policy=mp)
+    if mesh.tp is not None:
+        tensor_parallel_dense(model, mesh.tp)
     for block in model.blocks:
         for _, layer in moe_layers(block):
             g = layer_group_size(layer.num_experts, layout.ep)
-            fsdp_mesh, ep_mesh = mesh.experts(g)
+            fsdp_mesh, ep_mesh, param_mesh = mesh.experts(g)
             J = mesh.ranks_per_node(g)
-            hier = None
+            inner = None
             if J:  # within the node first, then across nodes
                 intra, inter = mesh.node_groups(g)
-                hier = HierarchicalAllToAllDispatcher(ep_mesh.get_group(), intra, inter, g // J, J,
-                                                      layer.num_experts // g, timer, traffic)
-            shard_experts(layer, ep_mesh, timer, hier, traffic)
-            fully_shard(layer.experts, mesh=fsdp_mesh, shard_placement_fn=lambda p: Shard(1), **shard)
-            layer.experts.set_gradient_divide_factor(float(mesh.world_size))
+                inner = HierarchicalAllToAllDispatcher(ep_mesh.get_group(), intra, inter, g // J, J,
+                                                       layer.num_experts // g, timer, traffic)
+            elif g > 1:
+                inner = AllToAllDispatcher(ep_mesh.get_group(), g, layer.num_experts // g, timer, traffic)
+            if layout.tp > 1:  # dropping duplicates only pays when tokens move (g > 1)
+                inner = TensorExpertDispatcher(inner or LocalDispatcher(), param_mesh.get_group(1),
+                                               layout.drop_duplicate_tokens and g > 1, traffic)
+            shard_experts(layer, ep_mesh, timer, inner, traffic, param_mesh)
+            fully_shard(layer.experts, mesh=fsdp_mesh, shard_placement_fn=_expert_fsdp_dim(layer.experts, layout.tp),
+                        **shard)
+            layer.experts.set_gradient_divide_factor(float(layout.data_parallel))
             if mesh.device_type == "cpu" and fsdp_mesh.size() > 1:  # gloo has no pre-multiplied sum: SUM, scale
                 layer.experts.set_force_sum_reduction_for_comms(True)
         checkpoint_block(block, layout.activation_checkpointing)

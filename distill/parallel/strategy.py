@@ -51,6 +51,7 @@ from distill.parallel.dispatch import CommTimer
 from distill.parallel.grads import all_reduce_balance_counts, clip_grad_norm_
 from distill.parallel.mesh import ParallelMesh
 from distill.parallel.parallelize import check_moe_layers, is_parallelized, parallelize, parallelize_frozen
+from distill.parallel.tensor import check_tensor_parallel
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -100,11 +101,14 @@ class MeshStrategy(ModelParallelStrategy):
         inner = getattr(model, "model", None)
         if isinstance(inner, nn.Module) and not is_parallelized(inner):
             check_moe_layers(inner, self.layout.ep)
+            check_tensor_parallel(inner.cfg, self.layout.tp)
         super().connect(model)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.world_size, "rank": self.global_rank}  # every rank reads its own batch
+        tp = self.layout.tp if self.layout is not None else 1
+        # the ranks of a tensor-parallel group (tp consecutive ranks) read the same batch
+        return {"num_replicas": self.world_size // tp, "rank": self.global_rank // tp}
 
     def setup_environment(self) -> None:
         self._setup_distributed()
@@ -167,7 +171,7 @@ class MeshStrategy(ModelParallelStrategy):
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         def closure_then_counts() -> Any:
             result = closure()  # forward + backward (FSDP has reduce-scattered the gradients)
-            all_reduce_balance_counts(self.lightning_module)
+            all_reduce_balance_counts(self.lightning_module, copies=self.layout.tp)
             return result
 
         return super().optimizer_step(optimizer, closure_then_counts, model, **kwargs)

@@ -18,7 +18,8 @@ from torchmetrics.aggregation import MeanMetric
 from distill.config import OptimConfig
 from distill.errors import ConfigError
 from distill.kd import KDConfig, KDSchedule, kd_loss_from_config, kl_to_teacher, top1_agreement
-from distill.models import ModelConfig, lm_loss
+from distill.losses import lm_loss
+from distill.models import ModelConfig
 from distill.train.lm_module import LMModule, loss_mask, split_batch
 
 
@@ -95,7 +96,8 @@ class DistillModule(LMModule):
         self.teacher_calls += 1
         with torch.inference_mode():  # a teacher on a mesh steps out of it for its own all-gathers
             logits = teacher(inputs).logits
-        return logits[..., : self.model_cfg.vocab_size]  # padding-only vocabulary entries trimmed
+        vocab = self.model_cfg.vocab_size
+        return logits[..., :vocab] if logits.shape[-1] > vocab else logits  # padding-only entries trimmed
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from distill.config import OptimConfig
-from distill.models import GPT, ModelConfig, lm_loss
+from distill.losses import lm_loss
+from distill.models import GPT, ModelConfig
 from distill.train.optim import build_optimizer
 
 
