@@ -363,3 +363,9 @@ def test_apps_pretrain_and_distill_on_the_mesh(tmp_path: Path) -> None:
     assert held, log[-3000:]
     local, total = (int(x.replace(",", "")) for x in held.groups())
     assert abs(2 * local - total) <= 64  # half, up to the padding of uneven shards
+
+    # tensor parallelism: student and teacher split over the 2 ranks (heads, hidden units, vocabulary)
+    log = run_app("distill", tmp_path / "student_tp", f"teacher.path={teacher / 'export'}", "parallel.tp=2",
+                  "parallel.ep=1", "parallel.dp_shard=1", "teacher.parallel.tp=2", "teacher.parallel.dp_shard=1")
+    assert "[distill] val loss" in log and "mesh: tp=2 over 2 ranks" in log, log[-3000:]
+    assert "teacher loaded at tp=2" in log
