@@ -1,6 +1,6 @@
 """One rank of the mesh-parallel gradient check (started by tests/test_parallel.py, one process per rank).
 
-    python tests/parallel_worker.py OUT_DIR LAYOUT[;LAYOUT...] SCENARIO[,SCENARIO...]   (RANK, WORLD_SIZE, MASTER_* in env)
+    python tests/parallel_worker.py OUT_DIR LAYOUT[@S1+S2][;LAYOUT...] SCENARIO[,SCENARIO...]   (RANK, WORLD_SIZE, MASTER_* in env)
 
 LAYOUT is e.g. ``ep=2,dp_shard=2`` (the `parallel` config node). Every rank builds the same model and
 the same global batch. Reference: one process, the whole model, the global batch as W micro-batches with
@@ -147,8 +147,9 @@ def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -
 def main(out_dir: Path, layouts: list[str], scenarios: list[str]) -> None:
     torch.set_num_threads(1)  # several ranks share few cores
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    for layout in layouts:
-        for scenario in scenarios:
+    for item in layouts:
+        layout, _, only = item.partition("@")  # LAYOUT@s1+s2: only those scenarios
+        for scenario in only.split("+") if only else scenarios:
             run(out_dir, layout, scenario, dist.get_rank(), dist.get_world_size())
     dist.destroy_process_group()
 

@@ -28,8 +28,7 @@ def one_thread():
 def ref_act(h: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu":
         return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
-    f = h.shape[-1] // 2
-    gate, up = h[..., :f], h[..., f:]
+    gate, up = h[..., 0::2], h[..., 1::2]  # SwiGLU units interleaved: gate_0, up_0, gate_1, up_1, ...
     return gate * torch.sigmoid(gate) * up
 
 
@@ -84,8 +83,8 @@ def reference(
         shared = torch.zeros_like(y)
         for i in range(n):
             rows_in = list(range(i * f, (i + 1) * f))
-            if cfg.activation == "swiglu":
-                rows_in += [n * f + r for r in rows_in]
+            if cfg.activation == "swiglu":  # unit j: gate row 2j, up row 2j + 1
+                rows_in = [2 * j + half for j in rows_in for half in (0, 1)]
             h = ref_act(xd @ w1[rows_in].t(), cfg.activation)
             shared = shared + h @ w2[:, i * f : (i + 1) * f].t()
         if cfg.shared_gate:
