@@ -91,10 +91,15 @@ def check_layout(layout: ParallelConfig, world: int | None, key: str, models: It
     if world is None:
         return
     resolved = layout.resolve(world, key)
-    if resolved.ep_intra is not None and ranks_per_node is not None and ranks_per_node % resolved.ep_intra:
-        raise ConfigError(f"{key}.ep_intra", f"{resolved.ep_intra} ranks per node inside an expert-parallel "
-                          f"group, but a node has {ranks_per_node} (trainer.devices).",
-                          f"use a divisor of trainer.devices, e.g. {key}.ep_intra={ranks_per_node}, or null.")
+    if resolved.ep_intra is not None and ranks_per_node is not None:
+        # an expert-parallel group's ranks are tp apart: a node holds devices / tp of its positions
+        positions = ranks_per_node // resolved.tp if ranks_per_node % resolved.tp == 0 else ranks_per_node
+        if positions % resolved.ep_intra:
+            where = f"{ranks_per_node} (trainer.devices)" if resolved.tp == 1 else \
+                f"{positions} (trainer.devices / {key}.tp)"
+            raise ConfigError(f"{key}.ep_intra", f"{resolved.ep_intra} ranks per node inside an expert-parallel "
+                              f"group, but a node holds {where}.",
+                              f"use a divisor of trainer.devices, e.g. {key}.ep_intra={positions}, or null.")
     for model in models:
         for experts in model.num_experts:
             layer_group_size(experts, resolved.ep, what=f"a MoE layer of {model.name}", key=key)

@@ -102,6 +102,9 @@ def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -
     timer = CommTimer(enabled=True)  # counts the all-to-alls the dispatchers run, recomputations included
     traffic = Traffic(1)  # every other rank counted as remote: the bytes this rank's all-to-alls send away
     parallelize(model, mesh, timer=timer, traffic=traffic)
+    positions = []  # positions of the residual stream a rank holds (its local tensor), at block 0's first norm
+    model.blocks[0].ln_1.register_forward_pre_hook(
+        lambda mod, args: positions.append(getattr(args[0], "_local_tensor", args[0]).shape[1]))
     received = []  # rows each rank's experts compute, per MoE layer
     for layer in model.moe_layers:
         layer.experts.register_forward_pre_hook(lambda mod, args: received.append(int(args[1].sum())))
@@ -137,7 +140,7 @@ def run(out_dir: Path, layout_text: str, scenario: str, rank: int, world: int) -
               "grad_diff": grad_diff, "norm": norm.item(), "norm_ref": norm_ref.item(),
               "clipped_grad_diff": clipped_diff, "weight_diff": weight_diff, "local_params": local,
               "total_params": total, "counts": counts, "ref_counts": ref_counts,
-              "all_to_alls": timer.calls, "a2a_bytes": traffic.bytes, "tp_other": traffic.other,
+              "all_to_alls": timer.calls, "a2a_bytes": traffic.bytes, "positions": positions, "tp_other": traffic.other,
               "tp_whole": tp_whole, "tp_whole_numel": sum(ref_params[n].numel() for n in tp_whole),
               "experts": {n: [p.to_local().shape[0], p.shape[0]] for n, p in params.items() if "experts." in n}}
     name = layout_text.replace(",", "_").replace("=", "")

@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from parallel_worker import SEQ
 
 from distill.errors import ConfigError
 from distill.models import ModelConfig
@@ -196,7 +197,9 @@ FOUR_RANK_LAYOUTS = ["dp_shard=4", "ep=4,dp_shard=1", "ep=2,dp_shard=2", "dp_rep
                      "ep=2,dp_shard=2,activation_checkpointing=moe_only",  # ... keeping the all-to-alls
                      "tp=2,ep=2,dp_shard=1",  # tensor-expert-data: duplicate tokens dropped (the default)
                      "tp=2,ep=2,dp_shard=1,drop_duplicate_tokens=false",
-                     "tp=2,dp_shard=2", "tp=4,dp_shard=1"]
+                     "tp=2,dp_shard=2", "tp=4,dp_shard=1",
+                     "tp=2,ep=2,dp_shard=1,sequence_parallel=true",  # norms on half the positions
+                     "tp=2,dp_shard=2,sequence_parallel=true"]
 # held whole by every rank of a tensor-parallel group: norms, routers, the residual mixing and shared gates,
 # and the biases added after a row-parallel reduction
 TP_WHOLE = re.compile(r".*(ln_\d|ln_f|router|coef|shared_gate)\..*|.*(c_proj|w_out)\.bias")
@@ -206,7 +209,9 @@ SCENARIOS = ["dropless", "capacity", "skewed"]
 ONLY = {"ep=2,dp_shard=2,activation_checkpointing=full": ["capacity"],
         "ep=2,dp_shard=2,activation_checkpointing=moe_only": ["capacity"],
         "tp=2,ep=2,dp_shard=1,drop_duplicate_tokens=false": ["dropless", "capacity"],
-        "tp=2,dp_shard=2": ["capacity"], "tp=4,dp_shard=1": ["dropless", "capacity"]}
+        "tp=2,dp_shard=2": ["capacity"], "tp=4,dp_shard=1": ["dropless", "capacity"],
+        "tp=2,ep=2,dp_shard=1,sequence_parallel=true": ["capacity"],
+        "tp=2,dp_shard=2,sequence_parallel=true": ["dropless"]}
 CASES = [(lay, world, scen) for lay, world in [("ep=2,dp_shard=1", 2), *((lay, 4) for lay in FOUR_RANK_LAYOUTS)]
          for scen in ONLY.get(lay, SCENARIOS)]
 
@@ -247,6 +252,9 @@ def test_layouts_match_one_process(mesh_results: Path, layout: str, world: int, 
     assert held == replicas * (total + (tp - 1) * results[0]["tp_whole_numel"])
     if tp > 1:
         assert results[0]["tp_whole"] and all(TP_WHOLE.fullmatch(n) for n in results[0]["tp_whole"]), results[0]
+    # the residual stream: every position on every rank, or with sequence parallelism 1/tp of them
+    seq = SEQ // tp if "sequence_parallel=true" in layout else SEQ
+    assert all(set(r["positions"]) == {seq} for r in results), [r["positions"] for r in results]  # recomputed too
     if "drop_duplicate_tokens=false" in layout:  # each tp rank sent every row; dropping: its share only
         dropped = [json.loads((mesh_results / f"{worker_name(layout.rsplit(',', 1)[0])}-{scenario}-rank{r}.json")
                               .read_text()) for r in range(world)]

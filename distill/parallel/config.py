@@ -11,7 +11,8 @@
 - ``tp``: tensor parallelism (`distill.parallel.tensor`): attention heads, MLP and expert hidden units and
   the vocabulary split over ``tp`` consecutive ranks, which share one micro-batch. With
   ``drop_duplicate_tokens`` (default) each of them sends only its share of the rows through the expert
-  all-to-all (DeepSpeed-TED).
+  all-to-all (DeepSpeed-TED). ``sequence_parallel`` splits the residual stream between them on the sequence
+  (norms and dropout on 1/tp of the positions; the sequence length must be a multiple of ``tp``).
 - ``ep_intra``: the ranks of one node inside an expert-parallel group (must divide ``ep``): the all-to-all
   then runs within the node first, then across nodes (`distill.parallel.hierarchical`).
 
@@ -39,6 +40,7 @@ class ParallelConfig:
     ep: int = 1
     tp: int = 1  # tensor parallelism: tp consecutive ranks share a micro-batch and split the large weights
     drop_duplicate_tokens: bool = True  # with tp > 1: each tp rank sends only its share through the all-to-all
+    sequence_parallel: bool = False  # with tp > 1: norms and dropout on 1/tp of the positions (Megatron-SP)
     # ranks per node inside an expert-parallel group: exchange within a node first, then across (null: flat)
     ep_intra: Optional[int] = None
     reshard_after_forward: bool = True  # ZeRO-3: free the gathered block after its forward
@@ -104,6 +106,7 @@ class TeacherParallelConfig:
     ep: Optional[int] = None
     tp: Optional[int] = None
     drop_duplicate_tokens: Optional[bool] = None
+    sequence_parallel: Optional[bool] = None
     ep_intra: Optional[int] = None
     reshard_after_forward: Optional[bool] = None
     activation_checkpointing: Optional[str] = None

@@ -118,7 +118,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, layout: ParallelConfig | N
     mp = MixedPrecisionPolicy(param_dtype=_dtype(layout.param_dtype), reduce_dtype=_dtype(layout.reduce_dtype))
     shard = dict(reshard_after_forward=layout.reshard_after_forward, mp_policy=mp)
     if mesh.tp is not None:
-        tensor_parallel_dense(model, mesh.tp)
+        tensor_parallel_dense(model, mesh.tp, layout.sequence_parallel)
     for block in model.blocks:
         for _, layer in moe_layers(block):
             g = layer_group_size(layer.num_experts, layout.ep)

@@ -21,11 +21,18 @@ gradients are the same on all of them.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from distill.errors import ConfigError
 from distill.models.config import ModelConfig
@@ -60,32 +67,61 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int, key: str = "parallel") -> N
 # ------------------------------------------------------------------------------------------ dense modules
 
 
-def block_plan(block: nn.Module) -> dict[str, Any]:
-    """The parallel style of each tensor-parallel Linear of a block (names relative to the block)."""
-    plan: dict[str, Any] = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel()}
+def block_plan(block: nn.Module, sequence_parallel: bool = False) -> dict[str, Any]:
+    """The parallel style of each tensor-parallel module of a block (names relative to the block).
+
+    With `sequence_parallel` the residual stream between the column- and row-parallel layers is split on the
+    sequence over ``tp`` (Megatron's sequence parallelism): the norms work on their rank's positions, the
+    column-parallel inputs are all-gathered and the row-parallel outputs reduce-scattered (the all-reduce's
+    bytes, in two halves). A MoE layer takes the whole sequence (its routing, capacity and balancing loss
+    are those of the micro-batch) and hands back its rank's positions."""
+    seq = sequence_parallel
+    col = ColwiseParallel(input_layouts=Shard(1)) if seq else ColwiseParallel()
+    row = RowwiseParallel(output_layouts=Shard(1)) if seq else RowwiseParallel()
+    plan: dict[str, Any] = {"attn.c_attn": col, "attn.c_proj": row}
     ffn = getattr(block, "ffn", None)
     if isinstance(ffn, MoELayer):
         for name in ("mlp", "shared_mlp"):
             if getattr(ffn, name) is not None:
                 plan[f"ffn.{name}.w_in"] = ColwiseParallel()
                 plan[f"ffn.{name}.w_out"] = RowwiseParallel()
+        if seq:
+            plan["ffn"] = PrepareModuleInputOutput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                output_layouts=(Replicate(), None), desired_output_layouts=(Shard(1), None), use_local_output=True)
     else:
-        plan.update({"ffn.c_fc": ColwiseParallel(), "ffn.c_proj": RowwiseParallel()})
+        plan.update({"ffn.c_fc": col, "ffn.c_proj": row})
+    if seq:
+        plan.update({"ln_1": SequenceParallel(), "ln_2": SequenceParallel()})
     return plan
 
 
-def tensor_parallel_dense(model: nn.Module, tp_mesh: Any) -> None:
+def tensor_parallel_dense(model: nn.Module, tp_mesh: Any, sequence_parallel: bool = False) -> None:
     """Shard the dense weights of a GPT over `tp_mesh` (1-D) in place: every block, the vocabulary-parallel
-    embedding and head. A tied head stays tied (one DTensor, sharded on the vocabulary)."""
+    embedding and head. A tied head stays tied (one DTensor, sharded on the vocabulary). With
+    `sequence_parallel`, the residual stream is split on the sequence between them (`block_plan`)."""
+    seq = sequence_parallel
     tied = model.lm_head.weight is model.wte.weight
     for block in model.blocks:
-        parallelize_module(block, tp_mesh, block_plan(block))
-    parallelize_module(model, tp_mesh, {
-        "wte": RowwiseParallel(input_layouts=Replicate()),
-        "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
-    })
+        parallelize_module(block, tp_mesh, block_plan(block, seq))
+    plan = {
+        "wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if seq else Replicate()),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1) if seq else Replicate(), output_layouts=Shard(-1),
+                                   use_local_output=False),
+    }
+    if seq:
+        plan["ln_f"] = SequenceParallel()
+        model.register_forward_pre_hook(partial(_check_sequence, tp=tp_mesh.size()))
+    parallelize_module(model, tp_mesh, plan)
     if tied:
         model.lm_head.weight = model.wte.weight
+
+
+def _check_sequence(module: nn.Module, args: tuple, tp: int) -> None:
+    length = args[0].shape[1]
+    if length % tp:
+        raise ValueError(f"parallel.sequence_parallel splits the sequence over parallel.tp={tp} ranks, but a batch "
+                         f"has {length} positions: use a data.seq_len that is a multiple of {tp}.")
 
 
 def expert_tp_dim(name: str) -> int:
