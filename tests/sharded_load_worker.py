@@ -49,7 +49,13 @@ def parse_layout(text: str) -> ParallelConfig:
     return ParallelConfig(**{k: int(v) for k, v in (kv.split("=") for kv in text.split(","))})
 
 
+def tp_sharded(p: torch.Tensor) -> bool:
+    names = p.device_mesh.mesh_dim_names or ()
+    return "tp" in names and p.placements[names.index("tp")].is_shard()
+
+
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.full_tensor() if hasattr(a, "full_tensor") else a  # logits sharded on the vocabulary (tensor parallel)
     return (a.float() - b.float()).abs().max().item() if b.numel() else 0.0
 
 
@@ -104,6 +110,7 @@ def check(mesh: ParallelMesh, kind: str, path: Path, ids: torch.Tensor, dtype: t
         "dtypes": sorted({str(p.dtype) for p in params.values()}),
         "local": sum(p.to_local().numel() for p in params.values()),
         "params": sum(p.numel() for p in params.values()),
+        "tp_whole": sum(p.numel() for p in params.values() if not tp_sharded(p)),  # read by every rank of a tp group
     }
 
 
@@ -112,14 +119,16 @@ def main(out_dir: Path, layouts: list[str], teachers: list[str]) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     for layout_text in layouts:
-        mesh = ParallelMesh(parse_layout(layout_text).resolve(world))
+        layout = parse_layout(layout_text).resolve(world)
+        mesh = ParallelMesh(layout)
         for spec in teachers:
             kind, _, path = spec.partition("=")
             dtype = torch.float32
             if kind.endswith("@bf16"):
                 kind, dtype = kind.removesuffix("@bf16"), torch.bfloat16
             vocab = 256 if kind in ("native", "checkpoint") else 300
-            ids = torch.randint(vocab, (2, 12), generator=torch.Generator().manual_seed(rank))
+            seed = rank // layout.tp  # a tensor-parallel group shares its ids
+            ids = torch.randint(vocab, (2, 12), generator=torch.Generator().manual_seed(seed))
             result = {"rank": rank, "layout": layout_text, "kind": kind, "dtype": str(dtype),
                       **check(mesh, kind, Path(path), ids, dtype)}
             name = f"{layout_text.replace(',', '_').replace('=', '')}-{spec.partition('=')[0]}-rank{rank}"

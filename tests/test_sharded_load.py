@@ -30,7 +30,7 @@ from teachers.native import ExportTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "sharded_load_worker.py"
-LAYOUTS = ["ep=4", "dp_shard=2,ep=2"]
+LAYOUTS = ["ep=4", "dp_shard=2,ep=2", "tp=2,dp_shard=2"]
 TOL = 1e-5
 
 
@@ -178,4 +178,6 @@ def test_sharded_teachers_equal_whole_ones_and_each_rank_reads_a_quarter(teacher
             # this rank's share: about a quarter of what the files hold (uneven splits of small tensors)
             assert 0.2 * r["total"] <= r["read"] <= 0.3 * r["total"], (where, r["read"], r["total"])
             assert r["read"] <= r["local"] + 16, where  # no more than its regions (+ persistent buffers)
-        assert sum(r["read"] for r in ranks) <= ranks[0]["total"] + 4 * 16, (layout, kind)  # each element once
+        # each element once (those a tensor-parallel group keeps whole: once per rank of the group)
+        tp = int(layout.split("tp=")[1].split(",")[0]) if "tp=" in layout else 1
+        assert sum(r["read"] for r in ranks) <= ranks[0]["total"] + (tp - 1) * ranks[0]["tp_whole"] + 4 * 16, layout
