@@ -90,6 +90,66 @@ def test_duplicate_token_dropping_divides_the_all_to_all_by_tp() -> None:
     assert one.comm[True]["all-reduce tp"] == 0
 
 
+@pytest.mark.parametrize("mode, attn, dense, moe", [("none", 2, 2, 2), ("moe_only", 3, 3, 2), ("full", 3, 3, 3)])
+def test_sequence_parallel_turns_the_all_reduces_into_gathers_and_scatters(mode: str, attn: int, dense: int,
+                                                                            moe: int) -> None:
+    """tp=2 x ep=2, T = 2 x 8 tokens of d = 8 fp32: the residual stream is 512 bytes; over 2 ranks an all-reduce
+    moves 512, an all-gather or a reduce-scatter 256. `attn`, `dense`, `moe`: the passes (forward, again when
+    recomputed, backward) of each attention, of block 0's dense MLP and of block 1's MoE layer. Without SP the
+    residual stream is all-reduced once per pass of each attention and of the dense MLP, after the embedding
+    and in the head's backward: moved = 2 x attn + dense + 2 all-reduces; with SP each becomes an all-gather and
+    a reduce-scatter (the same bytes). What stays all-reduced: the residual MLP's (moe x 512), the experts'
+    without duplicate token dropping (moe x 512), the cross-entropy's (3 x 16 fp32). SP adds only the MoE
+    layer's input all-gather per forward and its output gradient's: moe x 256 more bytes over tp."""
+    cfg, moved = small_config(), 2 * attn + dense + 2
+    base = layout(4, tp=2, ep=2, dp_shard=1, activation_checkpointing=mode)
+    off = plan_layout(cfg, base, 2, 8).comm
+    on = plan_layout(cfg, dataclasses.replace(base, sequence_parallel=True), 2, 8).comm
+    tp_rows = ("all-reduce tp", "all-gather tp", "reduce-scatter tp")
+    for dup in (True, False):
+        assert on[dup]["all-reduce tp"] == moe * 512 * (1 + (not dup)) + 192
+        assert on[dup]["all-reduce tp"] == off[dup]["all-reduce tp"] - moved * 512
+        assert on[dup]["all-gather tp"] == off[dup]["all-gather tp"] + moved * 256 + moe * 256
+        assert on[dup]["reduce-scatter tp"] == off[dup]["reduce-scatter tp"] + moved * 256
+        assert sum(on[dup][k] for k in tp_rows) == sum(off[dup][k] for k in tp_rows) + moe * 256
+        assert {k: v for k, v in on[dup].items() if k not in tp_rows} == {
+            k: v for k, v in off[dup].items() if k not in tp_rows}
+    if mode == "none":  # the whole table, counted by hand (dup. dropping: the experts' 3 gathers, 2 scatters)
+        assert (on[True]["all-gather tp"], on[True]["reduce-scatter tp"]) == (3 * 256 + 10 * 256, 2 * 256 + 8 * 256)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("mode", ["none", "moe_only", "full"])
+def test_sequence_parallel_splits_the_norms_and_dropout(mode: str, dropout: float) -> None:
+    """small_config at tp=2, T = 16 tokens of d = 8 fp32: a LayerNorm keeps T x d x 4 + 8T = 640 bytes, 320 on
+    half the positions (n); a dropout mask T x d = 128 bytes, 64 less (m); a checkpointed input 512, 256 less
+    (h). none: 5 norms (ln_1, ln_2 of 2 blocks, ln_f), 5 masks (the embedding's, 2 per block). full: the 2 kept
+    block inputs; the recomputed block's 2 norms and 2 masks, ln_f, the embedding's mask. moe_only: the MoE
+    block's 2 norms, 2 masks and its attention's kept input, the dense block's kept input; the recomputed
+    dense block's 2 norms and 2 masks; ln_f, the embedding's mask. The rest (the linears' all-gathered inputs,
+    the MoE layer, the logits) is unchanged."""
+    cfg, n, m, h = small_config(dropout=dropout), 320, 64 * (dropout > 0), 256
+    less = {"none": 5 * n + 5 * m, "full": 2 * h + 3 * n + 3 * m, "moe_only": 2 * h + 5 * n + 5 * m}[mode]
+    lay = layout(2, tp=2, activation_checkpointing=mode)
+    off = activation_bytes(meta_model(cfg), lay, 2, 8)
+    on = activation_bytes(meta_model(cfg), dataclasses.replace(lay, sequence_parallel=True), 2, 8)
+    assert on["total"] < off["total"] and off["total"] - on["total"] == less
+    assert off["head"] - on["head"] == n and off["ids and rotary tables"] - on["ids and rotary tables"] == m
+
+
+def test_sequence_parallel_changes_nothing_at_tp_1() -> None:
+    """At tp=1 there is nothing to split: the same plan, the same text."""
+    from distill.plan import format_plan
+
+    for sizes in ({"ep": 2, "dp_shard": 1}, {"dp_shard": 2, "activation_checkpointing": "full"}):
+        off = plan_layout(small_config(dropout=0.1), layout(2, **sizes), 2, 8)
+        on = plan_layout(small_config(dropout=0.1), layout(2, sequence_parallel=True, **sizes), 2, 8)
+        assert dataclasses.replace(on, layout=off.layout) == off
+        assert format_plan(on) == format_plan(off) and "sequence parallel" not in format_plan(on)
+    two = plan_layout(small_config(), layout(2, tp=2, sequence_parallel=True), 2, 8)
+    assert "layout tp=2 with sequence parallelism (norms, dropout on T/tp=8 positions)" in format_plan(two)
+
+
 def test_fsdp_traffic_by_hand() -> None:
     """dp_shard=2 at tp=1: every unit all-gathered in the forward and again in the backward except the root
     (not resharded after the forward), each gradient reduce-scattered once; half of each unit crosses."""
@@ -272,6 +332,7 @@ def test_app_names_the_bad_key(overrides: list[str], key: str) -> None:
     (["trainer.devices=4", "trainer.num_nodes=2", "parallel.ep=4", "parallel.tp=2", "parallel.dp_shard=1",
       "parallel.ep_intra=4"], "parallel.ep_intra"),  # a node holds 2 of the group's ranks (4 devices / tp)
     (["data.seq_len=256"], "data.seq_len"),  # tiny: max_seq_len 128
+    (["trainer.devices=2", "parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=127"], "data.seq_len"),
     (["trainer.devices=auto"], "trainer.devices"),
     (["plan.device_memory_gb=-1"], "plan.device_memory_gb"),
     (["model.moe.top_k=9"], "model.moe.top_k"),  # the model's own checks

@@ -30,7 +30,10 @@ reduced in ``parallel.reduce_dtype``, uniform routing for the all-to-all. Collec
 algorithm's bytes per rank: all-reduce ``2 (n-1)/n x size``, all-gather and reduce-scatter ``(n-1)/n x size``
 (the size of the whole gathered tensor); all-to-all: the bytes a rank sends to other ranks. The small
 exchanges (row counts, loss scalars, the gradient norm) are left out, except the vocabulary-parallel
-cross-entropy's three all-reduces of one number per token.
+cross-entropy's three all-reduces of one number per token. With ``parallel.sequence_parallel`` (tp > 1) the
+residual stream's all-reduces over tp become all-gathers and reduce-scatters of the same size (a MoE layer adds
+an all-gather of its input and one of its output's gradient), and the norms and dropout keep 1/tp of the
+positions (`distill.plan.comm`, `distill.plan.activations`).
 """
 
 from __future__ import annotations

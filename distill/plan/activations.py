@@ -18,6 +18,11 @@ def _dtype_bytes(name: str | None) -> int:
     return DTYPE_BYTES[name]
 
 
+def sequence_parallel(layout: ParallelConfig) -> bool:
+    """Whether `parallel.sequence_parallel` splits the residual stream: it does only with tp > 1."""
+    return bool(getattr(layout, "sequence_parallel", False)) and layout.tp > 1
+
+
 def _routed_rows(layer: MoELayer, tokens: int) -> int:
     """(token, choice) rows a layer keeps of `tokens` tokens: k x T, at most E x capacity (uniform routing)."""
     cap = layer.capacity(tokens)  # the layer's own rule (training mode)
@@ -51,14 +56,22 @@ def activation_bytes(model: GPT, layout: ParallelConfig, micro_batch: int, seq_l
     `parallel.activation_checkpointing`: ``full`` keeps each block's input T·d·e and recomputes one block at a
     time (the largest is added); ``moe_only`` keeps MoE blocks except their attention's inside, recomputed
     with the dense blocks.
+
+    `parallel.sequence_parallel` (tp > 1) divides by tp what is saved per position on the residual stream,
+    outside the tensor-parallel linears: the norms (ln_1, ln_2, ln_f), the dropout masks after the embedding,
+    the attention and the FFN, and a checkpointed block's (or attention's) input. The rest is as without it:
+    the column-parallel linears and the head keep their all-gathered input T·d·e, a MoE layer its whole
+    micro-batch; with ``moe_only`` the recomputed attention also holds its all-gathered input T·d·e.
     """
     cfg: ModelConfig = model.cfg
     tp, e = layout.tp, _dtype_bytes(layout.param_dtype)
     T, d = micro_batch * seq_len, cfg.d_model
     kv = cfg.kv_heads * cfg.head_dim
+    sp = sequence_parallel(layout)
+    Ts = T // tp if sp else T  # positions per rank on the residual stream
 
     def norm() -> int:
-        return T * d * (4 + e) + 4 * T if cfg.norm == "rmsnorm" else T * d * e + 8 * T
+        return Ts * d * (4 + e) + 4 * Ts if cfg.norm == "rmsnorm" else Ts * d * e + 8 * Ts
 
     def hidden(width: int, activation: str, rows: int) -> int:
         return (4 if activation == "swiglu" else 2) * rows * width // tp * e
@@ -67,8 +80,9 @@ def activation_bytes(model: GPT, layout: ParallelConfig, micro_batch: int, seq_l
     dropout = cfg.dropout > 0
     if dropout:  # the attention probabilities, their mask, the dropped ones; a mask after attention and the FFN
         inner_attn += micro_batch * cfg.n_heads // tp * seq_len**2 * (2 * e + 1)
-    attn = norm() + T * d * e + inner_attn + dropout * T * d
-    ffn_dense = norm() + T * d * e + hidden(cfg.ffn_dim, cfg.mlp_activation, T) + dropout * T * d
+    attn_outer = norm() + dropout * Ts * d  # ln_1 and the dropout after the attention
+    attn = attn_outer + T * d * e + inner_attn
+    ffn_dense = norm() + T * d * e + hidden(cfg.ffn_dim, cfg.mlp_activation, T) + dropout * Ts * d
     blocks: list[tuple[bool, int]] = []  # (is_moe, bytes of its FFN part)
     for block in model.blocks:
         if not block.is_moe:
@@ -86,7 +100,7 @@ def activation_bytes(model: GPT, layout: ParallelConfig, micro_batch: int, seq_l
         indices = T * k * 8 + R * 8 + (2 * R * 8 if g > 1 else 0)
         experts = R * d * e + hidden(f_e, moe.activation, R)
         combine = T * k * d * e + T * k * e
-        part = norm() + x + router + indices + experts + combine + dropout * T * d
+        part = norm() + x + router + indices + experts + combine + dropout * Ts * d
         if layer.mlp is not None:
             part += hidden(layer.mlp.w_out.in_features, moe.activation, T) + 2 * T * d * e + 2 * T * e
         if layer.shared_mlp is not None:
@@ -94,17 +108,17 @@ def activation_bytes(model: GPT, layout: ParallelConfig, micro_batch: int, seq_l
             part += (T * e + T * d * e) if layer.shared_gate is not None else 0
         blocks.append((True, part))
     head = norm() + T * d * e + T * cfg.vocab_size // tp * 4 + T * 8 + T
-    fixed = T * 8 + 2 * seq_len * cfg.head_dim * 4 + dropout * T * d  # token ids, rotary tables, embedding dropout
+    fixed = T * 8 + 2 * seq_len * cfg.head_dim * 4 + dropout * Ts * d  # token ids, rotary tables, embedding dropout
     mode = layout.activation_checkpointing
     if mode == "none":
         kept = sum(attn + ffn for _, ffn in blocks)
         recompute = 0
     elif mode == "full":
-        kept = len(blocks) * T * d * e
+        kept = len(blocks) * Ts * d * e
         recompute = max(attn + ffn for _, ffn in blocks)
     else:  # moe_only: MoE blocks keep all but their attention's inside; dense blocks keep their input
-        kept = sum(attn - inner_attn + ffn if moe else T * d * e for moe, ffn in blocks)  # attention keeps its input
-        recompute = max([attn + ffn for moe, ffn in blocks if not moe] + [inner_attn])
+        kept = sum(attn_outer + Ts * d * e + ffn if moe else Ts * d * e for moe, ffn in blocks)  # attention: its input
+        recompute = max([attn + ffn for moe, ffn in blocks if not moe] + [inner_attn + sp * T * d * e])
     parts = {"blocks": kept, "recomputed block": recompute, "head": head, "ids and rotary tables": fixed}
     parts["total"] = sum(parts.values())
     return parts

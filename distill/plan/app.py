@@ -23,6 +23,7 @@ from distill.models.config import ModelConfig
 from distill.parallel.config import ParallelConfig
 from distill.parallel.mesh import layer_group_size
 from distill.parallel.tensor import check_tensor_parallel
+from distill.plan.activations import sequence_parallel
 from distill.plan.layout import LayoutPlan, plan_layout
 from distill.plan.report import GiB, format_plan
 from distill.plan.shares import meta_model
@@ -68,6 +69,10 @@ def resolve_plan(cfg: DictConfig) -> PlanSpec:
     if data.seq_len > model.max_seq_len:
         raise ConfigError("data.seq_len", f"{data.seq_len} exceeds model.max_seq_len={model.max_seq_len}.",
                           f"e.g. data.seq_len={model.max_seq_len}.")
+    if sequence_parallel(layout) and data.seq_len % layout.tp:
+        raise ConfigError("data.seq_len", f"parallel.sequence_parallel splits the sequence over parallel.tp="
+                          f"{layout.tp} ranks, but data.seq_len={data.seq_len}.",
+                          f"use a data.seq_len that is a multiple of {layout.tp}.")
     memory = settings.device_memory_gb
     if memory is not None and not 0 < memory < math.inf:
         raise ConfigError("plan.device_memory_gb", f"must be > 0 (GiB) or null, got {memory}.",
@@ -103,6 +108,8 @@ def check_fits(plan: LayoutPlan, spec: PlanSpec, model: GPT | None = None) -> No
     for text, lay in _alternatives(spec):
         try:
             check_tensor_parallel(spec.model, lay.tp)
+            if sequence_parallel(lay) and spec.seq_len % lay.tp:
+                continue
             for experts in spec.model.num_experts:
                 layer_group_size(experts, lay.ep)
         except ConfigError:

@@ -2,6 +2,14 @@
 reduce-scatters per unit, data-parallel and tensor-parallel all-reduces, the expert all-to-alls and, with
 duplicate token dropping, the tensor-parallel all-gathers and reduce-scatters around them), and per group of
 MoE layers an `AllToAll`: its rows, bytes, messages and cross-node bytes, flat and hierarchical.
+
+`parallel.sequence_parallel` (tp > 1, `distill.parallel.tensor.block_plan`) turns each tp all-reduce of the
+residual stream (T·d) into an all-gather and a reduce-scatter of the same size (half the bytes each): the
+column-parallel inputs (attention, dense MLP, head) are all-gathered in the forward and reduce-scattered in the
+backward, the row-parallel outputs and the embedding's reduce-scattered in the forward and all-gathered in the
+backward. A MoE layer adds an all-gather of its input in the forward and of its output's gradient in the
+backward (it routes the whole micro-batch; inside it nothing changes). The norms' weight gradients, summed
+over tp (all-reduces of d or 2d numbers per norm), are left out like the other small exchanges.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from distill.models import GPT
 from distill.models.config import ModelConfig
 from distill.parallel.config import ParallelConfig
 from distill.parallel.mesh import layer_group_size
-from distill.plan.activations import _dtype_bytes, _routed_rows
+from distill.plan.activations import _dtype_bytes, _routed_rows, sequence_parallel
 from distill.plan.shares import Share
 
 COLLECTIVES = ("all-reduce tp", "all-reduce dp", "all-gather fsdp", "reduce-scatter fsdp", "all-to-all ep",
@@ -69,17 +77,30 @@ def communication(model: GPT, layout: ParallelConfig, plan_shares: list[Share], 
     def tp_all_reduce(size: float, times: int) -> None:
         c["all-reduce tp"] += times * 2 * _ring(tp) * size
 
+    sp = sequence_parallel(lay)
+
+    def residual(size: float, times: int) -> None:
+        """`times` tp all-reduces of the residual stream; with sequence parallelism as many all-gathers and
+        reduce-scatters."""
+        if not sp:
+            tp_all_reduce(size, times)
+            return
+        c["all-gather tp"] += times * _ring(tp) * size
+        c["reduce-scatter tp"] += times * _ring(tp) * size
+
     x = T * d * e
     ckpt = lay.activation_checkpointing
     a2a: dict[tuple[int, int], AllToAll] = {}
     for block in model.blocks:
         attn_fwd = 1 + (ckpt != "none")  # its forward again in the backward: full and moe_only recompute attention
         ffn_fwd = 1 + (ckpt == "full" or (ckpt == "moe_only" and not block.is_moe))
-        tp_all_reduce(x, attn_fwd + 1)  # after c_proj (forward); c_attn's input gradient (backward)
+        residual(x, attn_fwd + 1)  # after c_proj (forward); c_attn's input gradient (backward)
         if not block.is_moe:
-            tp_all_reduce(x, ffn_fwd + 1)
+            residual(x, ffn_fwd + 1)
             continue
         layer = block.ffn
+        if sp:  # its input gathered to the whole sequence (forward); its output's gradient (backward)
+            c["all-gather tp"] += (ffn_fwd + 1) * _ring(tp) * x
         for branch in (layer.mlp, layer.shared_mlp):
             if branch is not None:
                 tp_all_reduce(x, ffn_fwd + 1)
@@ -108,7 +129,7 @@ def communication(model: GPT, layout: ParallelConfig, plan_shares: list[Share], 
             layers=1, experts=layer.num_experts, g=g, rows=sent, bytes=bytes_, per_step=per_step, node=node,
             cross_bytes=sent * d * e * (g - J) / g if J else 0.0, flat_messages=g - 1, flat_cross=g - J if J else 0,
             hier_messages=(J - 1) + (g // J - 1) if hier else None, hier_cross=g // J - 1 if hier else None)
-    tp_all_reduce(x, 1)  # the vocabulary-parallel embedding's output
-    tp_all_reduce(x, 1)  # the head's input gradient (its output is vocabulary-parallel)
+    residual(x, 1)  # the vocabulary-parallel embedding's output (SP: its reduce-scatter, the gradient's gather)
+    residual(x, 1)  # the head's input gradient, its output vocabulary-parallel (SP: its input's gather, the RS)
     tp_all_reduce(T * 4, 3)  # vocabulary-parallel cross-entropy: max, sum of exponentials, target logit
     return c, list(a2a.values())

@@ -6,6 +6,7 @@ duplicate token dropping; and the number formatting (GiB, parameter counts).
 from __future__ import annotations
 
 from distill.parallel.mesh import layer_group_size
+from distill.plan.activations import sequence_parallel
 from distill.plan.comm import COLLECTIVES
 from distill.plan.layout import LayoutPlan
 
@@ -24,9 +25,10 @@ def format_plan(plan: LayoutPlan, device_memory_gb: float | None = None) -> str:
     cfg, lay = plan.model, plan.layout
     T = plan.micro_batch * plan.seq_len
     nodes = plan.world // plan.devices
+    sp = f" with sequence parallelism (norms, dropout on T/tp={T // lay.tp:,} positions)" if sequence_parallel(lay) else ""
     lines = [f"model {cfg.name}: {_count(plan.total_params)} parameters ({plan.total_params:,}), "
              f"{_count(plan.active_params)} active per token",
-             f"layout {lay.describe()} on {plan.world} ranks ({nodes} node{'s' * (nodes > 1)} x {plan.devices}); ranks "
+             f"layout {lay.describe()}{sp} on {plan.world} ranks ({nodes} node{'s' * (nodes > 1)} x {plan.devices}); ranks "
              "row-major dp_replicate x dp_shard x ep x tp (tp innermost)"]
     n_dense = lay.dp_shard * lay.ep
     lines.append(f"  dense parameters: tp={lay.tp}, then FSDP over {n_dense} ranks (dp_shard x ep)"
