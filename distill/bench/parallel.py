@@ -2,8 +2,8 @@
 
 1. Training state per rank: bytes of the local shards of the parameters, gradients and AdamW state after
    one step of a model with 16 experts per MoE layer, for one process and for the 4-rank layouts
-   dp_replicate=4 (plain DDP), dp_shard=4 (ZeRO-3), ep=4, ep=2 x dp_shard=2. Exact counts (numel x element
-   size), not resident memory. Goal: the largest rank within 5% of 1/4 of one process's total for the fully
+   dp_replicate=4 (plain DDP), dp_shard=4 (ZeRO-3), ep=4, ep=2 x dp_shard=2, tp=2 x ep=2, tp=2 x dp_shard=2.
+   Exact counts (numel x element size), not resident memory. Goal: the largest rank within 5% of 1/4 of one process's total for the fully
    sharded layouts.
 2. Loading a teacher exported with `export_model` (`ExportTeacher.load_sharded`) on 4 ranks: the increase of
    each rank's peak resident memory (VmHWM) over its resident memory just before the load, against loading
@@ -35,6 +35,8 @@ LAYOUTS = {  # label -> layout (the `parallel` config node); None: one process
     "dp_shard=4": "dp_shard=4",
     "ep=4": "ep=4,dp_shard=1",
     "ep=2 x dp_shard=2": "ep=2,dp_shard=2",
+    "tp=2 x ep=2": "tp=2,ep=2,dp_shard=1",
+    "tp=2 x dp_shard=2": "tp=2,dp_shard=2",
 }
 SHARDED = ("dp_shard=4", "ep=4", "ep=2 x dp_shard=2")  # goal: 1/4 of one process, within 5%
 TIMED = {"ep=2 x dp_shard=2": "ep=2,dp_shard=2", "dp_shard=4": "dp_shard=4"}
@@ -80,6 +82,8 @@ def goal_text(label: str, ratio: float) -> str:
     if label in SHARDED:
         off = ratio / 0.25 - 1
         return f"1/4 within 5%: {'yes' if abs(off) <= 0.05 else 'NO'} ({off:+.1%})"
+    if label.startswith("tp="):
+        return "about 1/4 (norms and routers whole on each tp rank)"
     return "" if LAYOUTS[label] is None else "(replicated: 1.0)"
 
 

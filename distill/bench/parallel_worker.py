@@ -100,27 +100,29 @@ def global_batch() -> torch.Tensor:
     return torch.randint(VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, parallel: bool) -> None:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, parallel: bool,
+               copies: int = 1) -> None:
     """Forward, backward, (balancing counts,) clipping by the full model's norm, AdamW."""
     from distill.parallel.grads import all_reduce_balance_counts, clip_grad_norm_
 
     out = model(batch[:, :-1])
     (lm_loss(out.logits, batch[:, 1:]) + AUX_COEF * out.aux_loss).backward()
     if parallel:
-        all_reduce_balance_counts(model)
+        all_reduce_balance_counts(model, copies=copies)
         clip_grad_norm_(model.parameters(), CLIP)
     else:
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     opt.step()
 
 
-def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, parallel: bool) -> list[float]:
+def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, parallel: bool,
+               copies: int = 1) -> list[float]:
     """[wall, CPU time of this process (all its threads)] of one training step."""
     opt.zero_grad(set_to_none=True)
     if parallel:
         dist.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
-    train_step(model, opt, batch, parallel)
+    train_step(model, opt, batch, parallel, copies)
     return [time.perf_counter() - t0, time.process_time() - c0]
 
 
@@ -189,7 +191,6 @@ def train(layouts: list[str], timed: list[str], steps: int, warmup: int) -> dict
     from distill.parallel.parallelize import parallelize
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    batch = global_batch().split(GLOBAL_BATCH // world)[rank]
     results: dict[str, Any] = {}
     if rank == 0 and timed:  # one process, the whole model and global batch, timed step by step in turn
         torch.manual_seed(0)
@@ -197,15 +198,18 @@ def train(layouts: list[str], timed: list[str], steps: int, warmup: int) -> dict
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
     for text in layouts:
         torch.manual_seed(0)
-        model = parallelize(GPT(bench_config()), ParallelMesh(parse_layout(text).resolve(world)))
+        layout = parse_layout(text).resolve(world)
+        model = parallelize(GPT(bench_config()), ParallelMesh(layout))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        train_step(model, opt, batch, parallel=True)
+        # one micro-batch per data-parallel rank; a tensor-parallel group shares it
+        batch = global_batch().split(GLOBAL_BATCH // layout.data_parallel)[rank // layout.tp]
+        train_step(model, opt, batch, parallel=True, copies=layout.tp)
         results[text] = {"bytes": state_bytes(model, opt)}
         if text in timed:  # rank 0's one-process step runs while the other ranks wait in the barrier
             times: list[list[float]] = []
             for i in range(warmup + steps):
                 one_step = timed_step(ref, ref_opt, global_batch(), parallel=False) if rank == 0 else []
-                step = timed_step(model, opt, batch, parallel=True)
+                step = timed_step(model, opt, batch, parallel=True, copies=layout.tp)
                 if i >= warmup:
                     times.append(step + one_step)
             results[text]["times"] = times  # per step: [wall, cpu] (+ [one wall, one cpu] on rank 0)
