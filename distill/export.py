@@ -7,7 +7,7 @@ gathered in turn, and only the writer rank writes.
 Layout of an export directory::
 
     model.safetensors   weights (tied embeddings stored once)
-    config.json         {"model": <ModelConfig as a dict>, "meta": {...}}
+    config.json         {"model": <ModelConfig as a dict>, "meta": {...}, "fused_layout": "grouped"}
     tokenizer.json      the tokenizer the model was trained with (when known)
 """
 
@@ -32,6 +32,9 @@ from distill.safetensors_stream import Entry, is_writer_rank, save_order, write_
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+# the layout of the fused q/k/v and SwiGLU projections (distill/models/fused.py); exports without the key hold
+# the plain concatenation of the parts, which `teachers.native.ExportTeacher` converts when it reads them
+FUSED_LAYOUT = "grouped"
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -110,7 +113,7 @@ def export_model(
         raise
     try:
         write_weights(model, tmp / WEIGHTS, writer=True)
-        payload = {"model": model_config_to_dict(cfg), "meta": meta or {}}
+        payload = {"model": model_config_to_dict(cfg), "meta": meta or {}, "fused_layout": FUSED_LAYOUT}
         (tmp / CONFIG).write_text(json.dumps(payload, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save(str(tmp))

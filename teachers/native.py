@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from distill.errors import ConfigError
-from distill.export import CONFIG, TOKENIZER, WEIGHTS, file_sha256
+from distill.export import CONFIG, FUSED_LAYOUT, TOKENIZER, WEIGHTS, file_sha256
 from distill.models import GPT, ModelConfig
-from distill.parallel.load import LazyTensor, Loaded, SafetensorsFiles
+from distill.models.fused import fused_tensors
+from distill.parallel.load import Interleaved, LazyTensor, Loaded, Narrow, SafetensorsFiles, full_index
 from teachers.base import (
     KEY,
     TeacherRef,
@@ -48,13 +49,23 @@ class ExportTeacher(TeacherSource):
             raise ConfigError(KEY, f"no teacher at '{self.dir}' (expected an export directory with {WEIGHTS} + "
                               f"{CONFIG}).{hint}", FIX)
 
-    def read_architecture(self) -> ModelConfig:
+    @cached_property
+    def _payload(self) -> Any:
         file = self.dir / CONFIG
         try:
-            payload = json.loads(file.read_text())
+            return json.loads(file.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise ConfigError(KEY, f"{file} is not valid JSON ({err}).", FIX) from None
-        return _model_config(payload.get("model") if isinstance(payload, dict) else None, str(file))
+
+    def read_architecture(self) -> ModelConfig:
+        payload = self._payload
+        return _model_config(payload.get("model") if isinstance(payload, dict) else None, str(self.dir / CONFIG))
+
+    @property
+    def legacy_layout(self) -> bool:
+        """Exported before the grouped layout of the fused projections: they hold [q | k | v], [gate | up]."""
+        payload = self._payload
+        return not isinstance(payload, dict) or payload.get("fused_layout") != FUSED_LAYOUT
 
     @cached_property
     def _identity(self) -> TeacherRef:
@@ -74,15 +85,27 @@ class ExportTeacher(TeacherSource):
         from safetensors.torch import load_model
 
         model = GPT(self.architecture())
-        load_model(model, str(self.dir / WEIGHTS))
+        if self.legacy_layout:  # fused projections converted on the way in
+            tensors = self.sharded_tensors()
+            model.load_state_dict({k: tensors[k].read(full_index(tensors[k].shape)) for k in model.state_dict()})
+        else:
+            load_model(model, str(self.dir / WEIGHTS))
         return model.to(dtype).eval().requires_grad_(False)
 
     def sharded_tensors(self) -> Mapping[str, LazyTensor]:
-        """The export's tensors, sliced from model.safetensors (headers and shapes checked first)."""
+        """The export's tensors, sliced from model.safetensors (headers and shapes checked first); the fused
+        projections of an export written before their grouped layout are converted region by region."""
         file = self.dir / WEIGHTS
         files = SafetensorsFiles([file], KEY)
-        check_state_shapes(files.shapes(), self.architecture(), str(file))
-        return with_tied_names({name: files.tensor(name) for name in files.keys()}, self.architecture())
+        cfg = self.architecture()
+        check_state_shapes(files.shapes(), cfg, str(file))
+        tensors: dict[str, LazyTensor] = {name: files.tensor(name) for name in files.keys()}
+        if self.legacy_layout:
+            for name, (dim, parts, groups) in fused_tensors(cfg).items():
+                starts = [sum(parts[:i]) for i in range(len(parts))]
+                tensors[name] = Interleaved([Narrow(tensors[name], dim, a, n) for a, n in zip(starts, parts)],
+                                            groups, dim)
+        return with_tied_names(tensors, cfg)
 
 
 class CheckpointTeacher(TeacherSource):

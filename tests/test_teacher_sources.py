@@ -156,3 +156,41 @@ def test_init_teacher_is_gone_before_fit_on_every_rank(teacher: Path, tmp_path: 
         assert facts["initialised_from"] == 1, facts  # the student was initialised from one loaded teacher
         assert facts["alive_at_fit_start"] == [False], facts
         assert facts["copied_equal"], facts
+
+
+def test_an_export_in_the_old_fused_layout_is_converted(tmp_path: Path) -> None:
+    """An export written before the grouped layout of the fused projections (its config.json has no
+    `fused_layout`; [q | k | v] and [gate | up] concatenated) loads as the model it was, whole and region by
+    region: written here by hand from a model's parts, the way the old code stored them."""
+    from distill.models.fused import deinterleave, fused_tensors
+    from distill.moe import MoEConfig
+    from distill.parallel.load import full_index
+
+    cfg = ModelConfig(name="old", vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                      mlp_activation="swiglu", bias=True, num_experts=[4, 4],
+                      moe=MoEConfig(top_k=2, activation="swiglu", residual=True, num_shared_experts=1)).validate()
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    out = export_model(model, cfg, tmp_path / "old")
+    state = load_file(out / "model.safetensors")
+    layouts = fused_tensors(cfg)
+    assert {n.rsplit(".", 1)[0].split(".", 2)[2] for n in layouts} == {
+        "attn.c_attn", "ffn.c_fc", "ffn.experts", "ffn.mlp.w_in", "ffn.shared_mlp.w_in"}
+    for name, (dim, _, groups) in layouts.items():  # the old layout: the parts one after the other
+        state[name] = torch.cat(deinterleave(state[name], groups, dim), dim).contiguous()
+    save_file(state, out / "model.safetensors")
+    payload = json.loads((out / "config.json").read_text())
+    del payload["fused_layout"]
+    (out / "config.json").write_text(json.dumps(payload))
+
+    source = ExportTeacher(out)
+    assert source.legacy_layout
+    ids = torch.randint(64, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(source.load()(ids).logits, model(ids).logits)
+    lazy = source.sharded_tensors()
+    for name, want in model.state_dict().items():
+        assert torch.equal(lazy[name].read(full_index(want.shape)), want), name
+        rows = slice(1, max(2, want.shape[0] - 1))  # a region that cuts groups
+        assert torch.equal(lazy[name].read((rows, *full_index(want.shape[1:]))), want[rows]), name
+    assert not ExportTeacher(export_model(model, cfg, tmp_path / "new")).legacy_layout

@@ -50,3 +50,32 @@ def deinterleave(fused: torch.Tensor, sizes: Sequence[int], dim: int = 0) -> lis
         raise ValueError(f"dim {dim} of size {fused.shape[dim]} is not a whole number of groups of {unit}")
     grouped = fused.unflatten(dim, (fused.shape[dim] // unit, unit))
     return [p.flatten(dim, dim + 1).contiguous() for p in grouped.split(list(sizes), dim + 1)]
+
+
+def fused_tensors(cfg: ModelConfig) -> dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """Every fused tensor of a GPT of `cfg`: name -> (its fused dim, its parts' sizes along it, their group
+    sizes). Exports written before the grouped layout (`distill.export.FUSED_LAYOUT`) hold these as the plain
+    concatenation of their parts ([q | k | v], [gate | up]); `interleave` of the parts converts them."""
+    qkv = qkv_group_sizes(cfg)
+    groups = cfg.kv_heads
+    out: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {}
+    for i in range(cfg.n_layers):
+        b = f"blocks.{i}."
+        for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            out[f"{b}attn.c_attn.{suffix}"] = (0, tuple(s * groups for s in qkv), qkv)
+        if not cfg.is_moe_block(i):
+            if cfg.mlp_activation == "swiglu":
+                for suffix in ("weight", "bias") if cfg.bias else ("weight",):
+                    out[f"{b}ffn.c_fc.{suffix}"] = (0, (cfg.ffn_dim, cfg.ffn_dim), GLU_GROUP_SIZES)
+            continue
+        moe = cfg.moe
+        if moe.activation != "swiglu":
+            continue
+        f = moe.d_ff if moe.d_ff is not None else cfg.ffn_dim
+        out[f"{b}ffn.experts.w_in"] = (2, (f, f), GLU_GROUP_SIZES)
+        if moe.residual:
+            out[f"{b}ffn.mlp.w_in.weight"] = (0, (f, f), GLU_GROUP_SIZES)
+        if moe.num_shared_experts:
+            shared = moe.shared_d_ff or moe.num_shared_experts * f
+            out[f"{b}ffn.shared_mlp.w_in.weight"] = (0, (shared, shared), GLU_GROUP_SIZES)
+    return out
