@@ -27,14 +27,12 @@ from safetensors.torch import load_model
 
 from distill.errors import ConfigError
 from distill.models import GPT, ModelConfig
+from distill.models.fused import FUSED_LAYOUT
 from distill.safetensors_stream import Entry, is_writer_rank, save_order, write_gathered
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
-# the layout of the fused q/k/v and SwiGLU projections (distill/models/fused.py); exports without the key hold
-# the plain concatenation of the parts, which `teachers.native.ExportTeacher` converts when it reads them
-FUSED_LAYOUT = "grouped"
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from distill.errors import ConfigError
-from distill.export import CONFIG, FUSED_LAYOUT, TOKENIZER, WEIGHTS, file_sha256
+from distill.export import CONFIG, TOKENIZER, WEIGHTS, file_sha256
 from distill.models import GPT, ModelConfig
-from distill.models.fused import fused_tensors
+from distill.models.fused import FUSED_LAYOUT, fused_tensors
 from distill.parallel.load import Interleaved, LazyTensor, Loaded, Narrow, SafetensorsFiles, full_index
 from teachers.base import (
     KEY,
@@ -86,8 +86,7 @@ class ExportTeacher(TeacherSource):
 
         model = GPT(self.architecture())
         if self.legacy_layout:  # fused projections converted on the way in
-            tensors = self.sharded_tensors()
-            model.load_state_dict({k: tensors[k].read(full_index(tensors[k].shape)) for k in model.state_dict()})
+            model.load_state_dict(read_whole(self.sharded_tensors(), model))
         else:
             load_model(model, str(self.dir / WEIGHTS))
         return model.to(dtype).eval().requires_grad_(False)
@@ -101,10 +100,7 @@ class ExportTeacher(TeacherSource):
         check_state_shapes(files.shapes(), cfg, str(file))
         tensors: dict[str, LazyTensor] = {name: files.tensor(name) for name in files.keys()}
         if self.legacy_layout:
-            for name, (dim, parts, groups) in fused_tensors(cfg).items():
-                starts = [sum(parts[:i]) for i in range(len(parts))]
-                tensors[name] = Interleaved([Narrow(tensors[name], dim, a, n) for a, n in zip(starts, parts)],
-                                            groups, dim)
+            tensors = grouped_layout(tensors, cfg)
         return with_tied_names(tensors, cfg)
 
 
@@ -148,14 +144,42 @@ class CheckpointTeacher(TeacherSource):
         found = {k: tuple(v.shape) for k, v in self._weights().items()}
         check_state_shapes(found, self.architecture(), str(self.file))
 
+    @property
+    def legacy_layout(self) -> bool:
+        """Written before the grouped layout of the fused projections: they hold [q | k | v], [gate | up]."""
+        return self._checkpoint.get("fused_layout") != FUSED_LAYOUT
+
     def load(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         model = GPT(self.architecture())
-        model.load_state_dict(self._weights())
+        if self.legacy_layout:  # fused projections converted on the way in
+            model.load_state_dict(read_whole(self.sharded_tensors(), model))
+        else:
+            model.load_state_dict(self._weights())
         return model.to(dtype).eval().requires_grad_(False)
 
     def sharded_tensors(self) -> Mapping[str, LazyTensor]:
         """The checkpoint's tensors, memory-mapped: a rank slicing one touches only its region's pages (the
-        pickled structure is read whole by every rank; a torch archive has no per-slice reader)."""
+        pickled structure is read whole by every rank; a torch archive has no per-slice reader). The fused
+        projections of a checkpoint written before their grouped layout are converted region by region."""
         weights = self._weights()
-        check_state_shapes({k: tuple(v.shape) for k, v in weights.items()}, self.architecture(), str(self.file))
-        return with_tied_names({k: Loaded(v) for k, v in weights.items()}, self.architecture())
+        cfg = self.architecture()
+        check_state_shapes({k: tuple(v.shape) for k, v in weights.items()}, cfg, str(self.file))
+        tensors: dict[str, LazyTensor] = {k: Loaded(v) for k, v in weights.items()}
+        if self.legacy_layout:
+            tensors = grouped_layout(tensors, cfg)
+        return with_tied_names(tensors, cfg)
+
+
+def grouped_layout(tensors: Mapping[str, LazyTensor], cfg: ModelConfig) -> dict[str, LazyTensor]:
+    """Weights written before the grouped layout of the fused projections, converted (lazily, region by
+    region): each fused tensor's parts, stored one after the other, interleaved by group."""
+    out = dict(tensors)
+    for name, (dim, parts, groups) in fused_tensors(cfg).items():
+        starts = [sum(parts[:i]) for i in range(len(parts))]
+        out[name] = Interleaved([Narrow(tensors[name], dim, a, n) for a, n in zip(starts, parts)], groups, dim)
+    return out
+
+
+def read_whole(tensors: Mapping[str, LazyTensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of `model`'s state dict, read whole from `tensors`."""
+    return {k: tensors[k].read(full_index(v.shape)) for k, v in model.state_dict().items()}

@@ -20,6 +20,7 @@ from parallel_worker import SEQ
 
 from distill.errors import ConfigError
 from distill.models import ModelConfig
+from distill.models.fused import FUSED_LAYOUT
 from distill.moe import MoEConfig
 from distill.parallel import MeshStrategy, ParallelConfig
 from distill.parallel.checkpoint import inspect_sharded, remove_leftovers
@@ -169,7 +170,7 @@ def test_bad_sharded_checkpoints_are_named(tmp_path: Path) -> None:
     from distill.parallel.checkpoint import architecture_mismatch, save_sharded
 
     path = save_sharded({"state_dict": {"model.w": torch.ones(4, 2), "model.b": torch.zeros(3)}},
-                        {"global_step": 7, "loops": {}}, tmp_path / "step7.ckpt")
+                        {"global_step": 7, "loops": {}, "fused_layout": FUSED_LAYOUT}, tmp_path / "step7.ckpt")
     assert inspect_sharded(path) == (None, 7)
     assert architecture_mismatch(path, {"model.w": torch.ones(4, 2), "model.b": torch.zeros(3)}) is None
     assert "model.w is [4, 2] there and [8, 2] here" in architecture_mismatch(

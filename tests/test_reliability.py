@@ -31,6 +31,7 @@ from distill.data.resumable import ResumableLoader
 from distill.errors import ConfigError, NonFiniteError
 from distill.export import export_model
 from distill.models import GPT, ModelConfig
+from distill.models.fused import FUSED_LAYOUT
 from distill.train.checkpoint_io import AtomicCheckpointIO
 from distill.train.lm_module import LMModule
 from distill.train.loss_log import read_loss_rows
@@ -234,7 +235,8 @@ def test_resumable_loader_continues_with_the_next_batch(epoch: int, consumed: in
 
 
 def small_checkpoint(step: int, value: float = 1.0) -> dict:
-    return {"state_dict": {"w": torch.full((64, 64), value)}, "global_step": step, "loops": {}, "callbacks": {}}
+    return {"state_dict": {"w": torch.full((64, 64), value)}, "global_step": step, "loops": {}, "callbacks": {},
+            "fused_layout": FUSED_LAYOUT}
 
 
 def test_atomic_save_leaves_the_old_file_when_the_write_fails(tmp_path: Path, monkeypatch) -> None:

@@ -21,6 +21,7 @@ from distill.errors import ConfigError
 from distill.export import export_model
 from distill.interop import gpt_from_hf
 from distill.models import GPT, ModelConfig
+from distill.models.fused import FUSED_LAYOUT
 from distill.moe import MoEConfig
 from distill.parallel.launch import run_ranks
 from distill.parallel.load import Cat, Loaded, SafetensorsFiles, Stack, Transposed, load_sharded_
@@ -71,7 +72,8 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     native = native_export(root / "native")
     ckpt = root / "t.ckpt"  # what CheckpointTeacher reads of a Lightning checkpoint
     torch.save({"state_dict": {f"model.{k}": v for k, v in ExportTeacher(native).load().state_dict().items()},
-                "hyper_parameters": {"model_cfg": json.loads((native / "config.json").read_text())["model"]}}, ckpt)
+                "hyper_parameters": {"model_cfg": json.loads((native / "config.json").read_text())["model"]},
+                "fused_layout": FUSED_LAYOUT}, ckpt)
     return {"native": native, "checkpoint": ckpt, "mixtral": hf_checkpoint("mixtral", root / "mixtral"),
             "qwen2_moe": hf_checkpoint("qwen2_moe", root / "qwen2_moe")}
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from distill.errors import ConfigError
 from distill.export import export_model
 from distill.models import GPT, ModelConfig
+from distill.models.fused import FUSED_LAYOUT
 from distill.parallel.launch import child_env, run_ranks
 from teachers.native import CheckpointTeacher, ExportTeacher
 
@@ -113,7 +114,8 @@ def test_sources_answer_the_same_for_an_export_and_its_checkpoint(teacher: Path,
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     ckpt = tmp_path / "t.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": {"model_cfg": json.loads((teacher / "config.json").read_text())["model"]}}, ckpt)
+    torch.save({"state_dict": state, "hyper_parameters": {"model_cfg": json.loads((teacher / "config.json").read_text())["model"]},
+                "fused_layout": FUSED_LAYOUT}, ckpt)
     export, checkpoint = ExportTeacher(teacher), CheckpointTeacher(ckpt)
     assert export.architecture() == checkpoint.architecture() == tiny_cfg()
     export.verify()
@@ -159,7 +161,7 @@ def test_init_teacher_is_gone_before_fit_on_every_rank(teacher: Path, tmp_path: 
 
 
 def test_an_export_in_the_old_fused_layout_is_converted(tmp_path: Path) -> None:
-    """An export written before the grouped layout of the fused projections (its config.json has no
+    """An export (or a checkpoint) written before the grouped layout of the fused projections (no
     `fused_layout`; [q | k | v] and [gate | up] concatenated) loads as the model it was, whole and region by
     region: written here by hand from a model's parts, the way the old code stored them."""
     from distill.models.fused import deinterleave, fused_tensors
@@ -194,3 +196,16 @@ def test_an_export_in_the_old_fused_layout_is_converted(tmp_path: Path) -> None:
         rows = slice(1, max(2, want.shape[0] - 1))  # a region that cuts groups
         assert torch.equal(lazy[name].read((rows, *full_index(want.shape[1:]))), want[rows]), name
     assert not ExportTeacher(export_model(model, cfg, tmp_path / "new")).legacy_layout
+
+    # a Lightning checkpoint of that time: a teacher converts it; a resume refuses it, saying why
+    from distill.train.resume import inspect_checkpoint
+
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "global_step": 3, "loops": {},
+                "hyper_parameters": {"model_cfg": payload["model"]}}, ckpt)
+    old = CheckpointTeacher(ckpt)
+    assert old.legacy_layout
+    with torch.no_grad():
+        assert torch.equal(old.load()(ids).logits, model(ids).logits)
+    problem, step = inspect_checkpoint(ckpt)
+    assert step is None and "older distill" in problem and "teacher=checkpoint" in problem

@@ -13,11 +13,21 @@ whole groups is a smaller projection of the same kind (what a tensor-parallel ra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from distill.models.config import ModelConfig
+
+
+def layout_problem(checkpoint: Mapping[str, Any]) -> str | None:
+    """Why a training checkpoint written before this layout (no `fused_layout`) cannot be resumed, or None."""
+    if checkpoint.get("fused_layout") == FUSED_LAYOUT:
+        return None
+    return ("it was written by an older distill whose fused q/k/v and SwiGLU weights are laid out differently "
+            "(distill/models/fused.py): its training state cannot be resumed (as a teacher, teacher=checkpoint "
+            "converts it)")
 
 
 def qkv_group_sizes(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -27,6 +37,9 @@ def qkv_group_sizes(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 GLU_GROUP_SIZES = (1, 1)  # SwiGLU: one gate unit, then one up unit
+# The name of this layout, recorded in exports (config.json) and training checkpoints (`fused_layout`): weights
+# without it hold the plain concatenation of the parts ([q | k | v], [gate | up]), written before it.
+FUSED_LAYOUT = "grouped"
 
 
 def interleave(parts: Sequence[torch.Tensor], sizes: Sequence[int], dim: int = 0) -> torch.Tensor:
@@ -54,7 +67,7 @@ def deinterleave(fused: torch.Tensor, sizes: Sequence[int], dim: int = 0) -> lis
 
 def fused_tensors(cfg: ModelConfig) -> dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]]:
     """Every fused tensor of a GPT of `cfg`: name -> (its fused dim, its parts' sizes along it, their group
-    sizes). Exports written before the grouped layout (`distill.export.FUSED_LAYOUT`) hold these as the plain
+    sizes). Weights written before the grouped layout (no `FUSED_LAYOUT` recorded) hold these as the plain
     concatenation of their parts ([q | k | v], [gate | up]); `interleave` of the parts converts them."""
     qkv = qkv_group_sizes(cfg)
     groups = cfg.kv_heads

@@ -82,7 +82,10 @@ def inspect_sharded(path: str | os.PathLike) -> tuple[str | None, int | None]:
         return f"{p / META} cannot be loaded ({type(err).__name__}: {err})", None
     if "global_step" not in rest or "loops" not in rest:
         return f"{p / META} is not a training checkpoint", None
-    return None, int(rest["global_step"])
+    from distill.models.fused import layout_problem
+
+    problem = layout_problem(rest)
+    return (problem, None) if problem else (None, int(rest["global_step"]))
 
 
 def architecture_mismatch(path: Path, expected: Mapping[str, Any]) -> str | None:

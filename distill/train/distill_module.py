@@ -151,6 +151,7 @@ class DistillModule(LMModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["distill"] = {"teacher": self.teacher_info, "kd_stop_step": self.schedule.stop_step}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

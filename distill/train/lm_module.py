@@ -18,6 +18,7 @@ from torchmetrics.aggregation import MeanMetric
 from distill.config import OptimConfig
 from distill.losses import lm_loss
 from distill.models import GPT, ModelConfig
+from distill.models.fused import FUSED_LAYOUT
 from distill.train.optim import build_optimizer
 
 
@@ -91,6 +92,9 @@ class LMModule(L.LightningModule):
             cv = counts.std(unbiased=False) / counts.mean().clamp_min(1e-9)
             self.log(f"moe/layer{i}_load_cv", cv)
             self.log(f"moe/layer{i}_drop_frac", s.drop_fraction.detach().float())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fused_layout"] = FUSED_LAYOUT  # how the fused projections are laid out (distill/models/fused.py)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         for module in self.model.modules():

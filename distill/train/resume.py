@@ -17,6 +17,7 @@ import torch
 
 from distill.config import RESUME_AUTO, RESUME_FRESH
 from distill.errors import ConfigError, warn
+from distill.models.fused import layout_problem
 
 CHECKPOINT_DIR = "checkpoints"  # under out_dir
 REQUIRED_KEYS = ("state_dict", "global_step", "loops")  # what a resume needs from a checkpoint
@@ -55,7 +56,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> tuple[str | None, int | None]
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         return f"not a training checkpoint (no {', '.join(missing)})", None
-    return None, int(ckpt["global_step"])
+    problem = layout_problem(ckpt)
+    return (problem, None) if problem else (None, int(ckpt["global_step"]))
 
 
 def verify_checkpoint(path: str | os.PathLike) -> str | None:
