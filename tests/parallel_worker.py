@@ -31,6 +31,7 @@ from distill.parallel.grads import all_reduce_balance_counts, balance_count_buff
 from distill.parallel.hierarchical import Traffic
 from distill.parallel.mesh import ParallelMesh
 from distill.parallel.parallelize import parallelize
+from distill.parallel.tensor import tp_sharded
 
 SCENARIOS = {
     # top-1 residual PR-MoE, dropless; a layer with fewer experts (1) than ep
@@ -54,13 +55,6 @@ def objective(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def tp_sharded(p: torch.Tensor) -> bool:
-    """Whether a parameter is split over the mesh dimension ``tp``."""
-    mesh = getattr(p, "device_mesh", None)
-    names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
-    return "tp" in names and p.placements[names.index("tp")].is_shard()
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

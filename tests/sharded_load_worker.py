@@ -28,6 +28,7 @@ from distill.interop import gpt_from_hf
 from distill.parallel.config import ParallelConfig
 from distill.parallel.load import SafetensorsFiles
 from distill.parallel.mesh import ParallelMesh
+from distill.parallel.tensor import tp_sharded
 from teachers.base import TeacherLoader
 from teachers.hf import HFTeacher, safetensors_files
 from teachers.native import CheckpointTeacher, ExportTeacher
@@ -47,11 +48,6 @@ SafetensorsFiles.read = counting_read  # type: ignore[method-assign]
 
 def parse_layout(text: str) -> ParallelConfig:
     return ParallelConfig(**{k: int(v) for k, v in (kv.split("=") for kv in text.split(","))})
-
-
-def tp_sharded(p: torch.Tensor) -> bool:
-    names = p.device_mesh.mesh_dim_names or ()
-    return "tp" in names and p.placements[names.index("tp")].is_shard()
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:

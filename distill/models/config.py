@@ -81,11 +81,8 @@ class ModelConfig:
         for key in REQUIRED:
             if key not in kwargs or kwargs[key] == MISSING:
                 raise ConfigError(f"model.{key}", "is required but not set.", f"set `model.{key}`.")
-        moe = kwargs.get("moe")
-        if isinstance(moe, Mapping):
-            kwargs["moe"] = MoEConfig.from_dict(moe)
-        elif moe is not None and not isinstance(moe, MoEConfig):
-            raise ConfigError("model.moe", f"must be a mapping of MoE options, got {moe!r}.")
+        if "moe" in kwargs:
+            kwargs["moe"] = MoEConfig.from_node(kwargs["moe"])
         return cls(**kwargs)
 
     def validate(self) -> ModelConfig:

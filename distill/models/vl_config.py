@@ -73,11 +73,8 @@ class VLMoEConfig:
         """A VLMoEConfig from a mapping (a dict or an OmegaConf node); `moe` becomes an MoEConfig.
         Unknown keys raise ConfigError; values are checked by `validate`."""
         kwargs = fields_from_mapping(cls, d, "model")
-        moe = kwargs.get("moe")
-        if isinstance(moe, Mapping):
-            kwargs["moe"] = MoEConfig.from_dict(moe)
-        elif moe is not None and not isinstance(moe, MoEConfig):
-            raise ConfigError("model.moe", f"must be a mapping of MoE options, got {moe!r}.")
+        if "moe" in kwargs:
+            kwargs["moe"] = MoEConfig.from_node(kwargs["moe"])
         return cls(**kwargs)
 
     def validate(self) -> VLMoEConfig:

@@ -75,6 +75,16 @@ class MoEConfig:
         `validate` does those."""
         return cls(**fields_from_mapping(cls, d, "model.moe"))
 
+    @classmethod
+    def from_node(cls, node: Any) -> MoEConfig | None:
+        """The `model.moe` value of a model config being built: a mapping becomes an MoEConfig (`from_dict`),
+        an MoEConfig or None stays; anything else is a ConfigError."""
+        if isinstance(node, Mapping):
+            return cls.from_dict(node)
+        if node is not None and not isinstance(node, MoEConfig):
+            raise ConfigError("model.moe", f"must be a mapping of MoE options, got {node!r}.")
+        return node
+
     def validate(self, num_experts: int) -> MoEConfig:
         """Raise ConfigError naming the first bad `model.moe.*` key for a layer of `num_experts`; return self."""
         if not isinstance(num_experts, int) or num_experts < 1:

@@ -124,6 +124,13 @@ def _check_sequence(module: nn.Module, args: tuple, tp: int) -> None:
                          f"has {length} positions: use a data.seq_len that is a multiple of {tp}.")
 
 
+def tp_sharded(p: Any) -> bool:
+    """Whether a parameter is split over the mesh dimension ``tp`` (else every rank of a tp group holds it whole)."""
+    mesh = getattr(p, "device_mesh", None)
+    names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+    return "tp" in names and p.placements[names.index("tp")].is_shard()
+
+
 def expert_tp_dim(name: str) -> int:
     """The dim of a stacked expert parameter that holds its hidden units (split over ``tp``)."""
     return 2 if name == "w_in" else 1

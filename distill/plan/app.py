@@ -18,11 +18,10 @@ from distill.config import PlanConfig, PlanSettings, TrainerConfig, register_con
 from distill.data.config import DataConfig
 from distill.errors import ConfigError, exit_on_config_error
 from distill.hydra_errors import check_known_keys
+from distill.layout import check_layout
 from distill.models import GPT
 from distill.models.config import ModelConfig
 from distill.parallel.config import ParallelConfig
-from distill.parallel.mesh import layer_group_size
-from distill.parallel.tensor import check_tensor_parallel
 from distill.plan.activations import sequence_parallel
 from distill.plan.layout import LayoutPlan, plan_layout
 from distill.plan.report import GiB, format_plan
@@ -57,15 +56,9 @@ def resolve_plan(cfg: DictConfig) -> PlanSpec:
         raise ConfigError("trainer.devices", f"the planner needs the number of devices per node, got "
                           f"{trainer.devices!r}.", "e.g. trainer.devices=8 trainer.num_nodes=2.")
     devices = world // trainer.num_nodes
-    layout = OmegaConf.to_object(cfg.parallel).resolve(world)  # type: ignore[union-attr]
-    check_tensor_parallel(model, layout.tp)
-    for experts in model.num_experts:
-        layer_group_size(experts, layout.ep, what=f"a MoE layer of {model.name}")
-    positions = devices // layout.tp if devices % layout.tp == 0 else None  # ep positions per node
-    if layout.ep_intra is not None and positions is not None and positions % layout.ep_intra:
-        raise ConfigError("parallel.ep_intra", f"{layout.ep_intra} ranks per node inside an expert-parallel group, "
-                          f"but a node holds {positions} (trainer.devices / parallel.tp).",
-                          f"use a divisor of {positions}, or null.")
+    parallel: ParallelConfig = OmegaConf.to_object(cfg.parallel)  # type: ignore[assignment]
+    check_layout(parallel, world, "parallel", [model], ranks_per_node=devices)  # the training apps' checks
+    layout = parallel.resolve(world)
     if data.seq_len > model.max_seq_len:
         raise ConfigError("data.seq_len", f"{data.seq_len} exceeds model.max_seq_len={model.max_seq_len}.",
                           f"e.g. data.seq_len={model.max_seq_len}.")
@@ -107,12 +100,10 @@ def check_fits(plan: LayoutPlan, spec: PlanSpec, model: GPT | None = None) -> No
     tried = []
     for text, lay in _alternatives(spec):
         try:
-            check_tensor_parallel(spec.model, lay.tp)
-            if sequence_parallel(lay) and spec.seq_len % lay.tp:
-                continue
-            for experts in spec.model.num_experts:
-                layer_group_size(experts, lay.ep)
+            check_layout(lay, spec.world, "parallel", [spec.model], ranks_per_node=spec.devices)
         except ConfigError:
+            continue
+        if sequence_parallel(lay) and spec.seq_len % lay.tp:
             continue
         other = plan_layout(spec.model, lay, spec.micro_batch, spec.seq_len, spec.world, spec.devices, model)
         tried.append((other.memory.total, text))
