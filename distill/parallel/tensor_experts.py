@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from distill.parallel.dispatch import source_to_expert_order
+from distill.parallel.vocab import all_reduce_sum
 
 # ------------------------------------------------------------------------------------------ collectives
 
@@ -54,20 +55,6 @@ class _CopyToTP(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """All-reduce (sum) over ``tp`` forward; identity backward (every rank back-propagates the same loss)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
 
 
@@ -216,7 +203,7 @@ class TensorExpertDispatcher:
         inner_handle, shares, pool = handle
         if shares is None:
             self._count("tp_all_reduce", expert_out.shape[0], expert_out)
-            return self.inner.combine(_ReduceFromTP.apply(expert_out, self.group), inner_handle)
+            return self.inner.combine(all_reduce_sum(expert_out, self.group), inner_handle)
         mine = self.inner.combine(_UnpoolRows.apply(expert_out, pool, self.group), inner_handle)
         self._count("tp_reduce_scatter", sum(pool.sizes) - pool.sizes[self.rank], expert_out)
         self._count("tp_all_gather", sum(shares.sizes) - shares.sizes[self.rank], mine)
