@@ -259,8 +259,8 @@ def test_hydra_group_composes_into_the_config(tmp_path: Path) -> None:
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
-        scenes = compose(overrides=["+vl_data=scenes", "data.num_scenes=50"])
-        folder = compose(overrides=["+vl_data=imagefolder"])
+        scenes = compose(overrides=["+data=scenes", "data.num_scenes=50"])
+        folder = compose(overrides=["+data=imagefolder"])
     cfg = VLDataConfig(**OmegaConf.to_container(scenes.data)).validate()
     assert (cfg.source, cfg.num_scenes, cfg.image_size) == ("scenes", 50, 32)
     with pytest.raises(ConfigError, match=r"data\.path"):

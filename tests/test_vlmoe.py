@@ -16,12 +16,12 @@ from distill.models.vl_config import VLMoEConfig
 from distill.models.vlmoe import VLMoE, freeze_moe
 from distill.moe import MoEConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "vl_model"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 PAPER = {"base": (2.0e9, 180e6)}  # VL-MoE Base/32E: total parameters, active per token
 
 
 def load_cfg(name: str) -> VLMoEConfig:
-    return VLMoEConfig.from_dict(OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"))).validate()
+    return VLMoEConfig.from_dict(OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"vl_{name}.yaml"))).validate()
 
 
 def tiny(**overrides) -> VLMoEConfig:
@@ -212,7 +212,7 @@ def test_bad_config_names_the_key(override: dict, key: str) -> None:
 def test_unknown_key_names_the_key() -> None:
     with pytest.raises(ConfigError) as err:
         VLMoEConfig.from_dict(
-            {**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "tiny.yaml")), "n_layer": 2}
+            {**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "vl_tiny.yaml")), "n_layer": 2}
         )
     assert err.value.key == "model.n_layer"
 

@@ -1,4 +1,4 @@
-"""Vision-language data configuration (mounted at the `data` node by `conf/vl_data/`) and its checks."""
+"""Vision-language data configuration (the `data` node of `task=vl`: conf/data/scenes.yaml, imagefolder.yaml) and its checks."""
 
 from __future__ import annotations
 

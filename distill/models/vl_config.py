@@ -1,4 +1,4 @@
-"""VL-MoE configuration (a `vl_model` config file, keys named `model.*`): the schema, parsing, its checks."""
+"""VL-MoE configuration (conf/model/vl_*.yaml, the `model` node of `task=vl`): the schema, parsing, its checks."""
 
 from __future__ import annotations
 

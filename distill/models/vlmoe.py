@@ -29,6 +29,7 @@ class VLOutput(NamedTuple):
     aux_loss: torch.Tensor  # scalar: sum of the MoE pools' load-balancing losses (0 without MoE)
     z_loss: torch.Tensor  # scalar: sum of the MoE pools' router z-losses
     moe_stats: list[PoolStats]  # one per MoE pool that received tokens, in depth order, "v" before "t"
+    hidden: torch.Tensor  # [B, T, d] the final normed states ([image CLS, patches] then text); heads read these
 
 
 class VLMoE(nn.Module):
@@ -169,7 +170,7 @@ class VLMoE(nn.Module):
         zero = h.new_zeros((), dtype=torch.float32)
         aux = torch.stack([s.stats.aux_loss for s in stats]).sum() if stats else zero
         z = torch.stack([s.stats.z_loss for s in stats]).sum() if stats else zero
-        return VLOutput(text_logits, image_logits, aux, z, stats)
+        return VLOutput(text_logits, image_logits, aux, z, stats, h)
 
 
 def freeze_moe(model: nn.Module) -> None:
