@@ -18,10 +18,14 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from distill.data.config import DataConfig
+from distill.data.vl_config import VLDataConfig
 from distill.errors import ConfigError
 from distill.kd import KDConfig
 from distill.models.config import ModelConfig
+from distill.models.vl_config import VLMoEConfig
 from distill.parallel.config import ParallelConfig, TeacherParallelConfig
+from distill.vl.config import DownstreamConfig, VLStudentConfig, VLTeacherConfig
+from distill.vl.masking import MaskingConfig
 from students.config import StudentConfig
 
 RESUME_AUTO, RESUME_FRESH = "auto", ("never", "none")
@@ -207,6 +211,24 @@ class PipelineConfig(DistillConfig):
     gen_tokens: int = 64  # new tokens per sequence when measuring generation speed
     gen_batch: int = 4
     stage: str = "pipeline"
+    task: str = "lm"  # conf/task/: lm (this schema) or vl (VLPipelineConfig)
+
+
+@dataclass
+class VLPipelineConfig(RunConfig):
+    """``python -m distill.pipeline task=vl``: VL-MoE teacher and dense baseline pretrained by masked data
+    modeling -> VL Mixture-of-Students with staged KD and without KD -> frozen-MoE VQA and retrieval -> report."""
+
+    data: VLDataConfig = field(default_factory=VLDataConfig)  # type: ignore[assignment]
+    model: VLMoEConfig = field(default_factory=VLMoEConfig)  # the teacher's (and the dense baseline's) shape
+    mask: MaskingConfig = field(default_factory=MaskingConfig)
+    teacher: VLTeacherConfig = field(default_factory=VLTeacherConfig)
+    student: VLStudentConfig = field(default_factory=VLStudentConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    teacher_max_steps: Optional[int] = None  # the teacher's and the dense baseline's steps; None -> trainer.max_steps
+    stage: str = "pipeline"
+    task: str = "vl"
 
 
 @dataclass
@@ -230,6 +252,16 @@ class PlanConfig:
 
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "distill": DistillConfig, "pipeline": PipelineConfig,
                             "plan": PlanConfig}
+# The pipeline's schema is a config group (conf/pipeline.yaml: `schema: pipeline`) that conf/task/vl.yaml overrides.
+TASK_SCHEMAS: dict[str, type] = {"lm": PipelineConfig, "vl": VLPipelineConfig}
+
+
+def schema_of(app: str, overrides: list[str] | None = None) -> type:
+    """The schema an app's config is checked against: the pipeline's depends on `task=` (conf/task/)."""
+    if app == "pipeline":
+        tasks = [o.split("=", 1)[1] for o in overrides or [] if o.startswith("task=")]
+        return TASK_SCHEMAS.get(tasks[-1] if tasks else "lm", PipelineConfig)
+    return SCHEMAS[app]
 
 
 def register_configs() -> None:
@@ -237,3 +269,5 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for app, schema in SCHEMAS.items():
         cs.store(name=f"{app}_schema", node=schema)
+    cs.store(group="schema", name="pipeline", node=PipelineConfig, package="_global_")
+    cs.store(group="schema", name="vl_pipeline", node=VLPipelineConfig, package="_global_")

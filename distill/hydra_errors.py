@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ConfigTypeError, OmegaConfBaseException, ValidationError
 
-from distill.config import SCHEMAS
+from distill.config import schema_of
 from distill.errors import ConfigError, NonFiniteError, with_fix
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -225,4 +225,4 @@ def run_app(main: Callable[[], Any], app: str) -> None:
     except NonFiniteError as err:
         _fail(err, 3, all_ranks=False)
     except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as err:
-        _fail(config_error_from_hydra(err, SCHEMAS[app]), 2)
+        _fail(config_error_from_hydra(err, schema_of(app, sys.argv[1:])), 2)

@@ -1,4 +1,5 @@
-"""Hydra app behind `make run`: the whole recipe on one machine, then a report.
+"""Hydra app behind `make run`: the whole recipe on one machine, then a report (`task=vl`: the VL-MoE
+pipeline of distill/vl/pipeline.py instead).
 
     teacher (pretrained, or teacher.path)  ->  student_staged_kd  (kd as configured: KD until kd.stop_*)
                                            ->  student_no_kd      (kd=none: the same student, CE only)
@@ -88,7 +89,13 @@ register_configs()
 @hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
 @exit_on_config_error  # a submitit job (run without run_app) also exits 2 with one line
 def main(cfg: DictConfig) -> None:
-    run_pipeline(resolve(cfg, "pipeline"))
+    if cfg.task == "vl":  # conf/task/vl.yaml: the VL-MoE pipeline, its own schema and settings
+        from distill.vl.pipeline import run_vl_pipeline
+        from distill.vl.resolve import resolve_vl
+
+        run_vl_pipeline(resolve_vl(cfg))
+    else:
+        run_pipeline(resolve(cfg, "pipeline"))
 
 
 if __name__ == "__main__":

@@ -9,29 +9,36 @@ from typing import Any
 
 COLUMNS = ("params_total", "params_active", "val_loss", "val_ppl", "train_tokens_per_s", "gen_tokens_per_s")
 HEADERS = ("model", "params (total)", "params (active)", "val loss", "val ppl", "train tok/s", "gen tok/s")
+PERCENT = ("vqa_acc",)  # fractions shown as percentages (and recall@k: i2t_*, t2i_*)
 
 
 def _fmt(key: str, v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if key in PERCENT or key.startswith(("i2t_", "t2i_")):
+        return f"{100 * v:.1f}%"
     if key.startswith("params"):
         return f"{v / 1e6:.2f}M" if v >= 1e5 else f"{v:,}"
     if key.endswith("tokens_per_s"):
         return f"{v:,.0f}"
-    return f"{v:.4f}" if key == "val_loss" else f"{v:.2f}"
+    return f"{v:.4f}" if key.startswith("val_") and key != "val_ppl" else f"{v:.2f}"
 
 
-def markdown_table(models: dict[str, dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+def markdown_table(models: dict[str, dict[str, Any]], columns: tuple[str, ...] = COLUMNS,
+                   headers: tuple[str, ...] = HEADERS) -> str:
+    """One row per model; ``headers`` names the model column, then each of ``columns``."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for name, row in models.items():
-        lines.append("| " + " | ".join([name] + [_fmt(k, row.get(k)) for k in COLUMNS]) + " |")
+        lines.append("| " + " | ".join([name] + [_fmt(k, row.get(k)) for k in columns]) + " |")
     return "\n".join(lines)
 
 
 def plot_curves(
-    curves: dict[str, list[tuple[int, float]]], path: Path, title: str, markers: dict[str, int] | None = None
+    curves: dict[str, list[tuple[int, float]]], path: Path, title: str, markers: dict[str, int] | None = None,
+    ylabel: str = "validation loss (nats/token)",
 ) -> Path:
-    """Validation-loss curves; ``markers`` draws a labelled vertical line per step (e.g. the KD stop)."""
+    """Validation-loss curves (or any per-step curves); ``markers`` draws a labelled vertical line per step
+    (e.g. the KD stop)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +54,7 @@ def plot_curves(
         ax.annotate(label, (step, 0.98), xycoords=("data", "axes fraction"), ha="right", va="top",
                     rotation=90, fontsize=8, color="grey")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -70,6 +70,7 @@ class RunSpec:
     kd: KDSchedule | None = None
     students: dict[str, KDSchedule] = field(default_factory=dict)  # pipeline: each student's schedule
     pipeline: PipelineSettings | None = None
+    vl: Any = None  # task=vl: distill.vl.resolve.VLSettings (data is then a VLDataConfig, model a VLMoEConfig)
 
     def stage_spec(self, stage: str, out_dir: Path, **changes: Any) -> RunSpec:
         """This spec for one stage of the pipeline; ``run_config`` (what wandb and run_info.json show) says

@@ -241,7 +241,7 @@ def test_paper_param_counts_on_meta_device():
 # configs
 
 
-@pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in sorted(CONF_DIR.glob("*.yaml")) if not p.stem.startswith("vl_")], ids=lambda p: p.stem)
 def test_every_yaml_loads_onto_schema(path):
     node = OmegaConf.load(path)
     assert "defaults" not in node

@@ -268,3 +268,15 @@ def test_output_shapes() -> None:
     assert out.text_logits.shape == (3, 7, cfg.text_vocab_size)
     assert out.image_logits.shape == (3, cfg.n_patches, cfg.visual_vocab_size)
     assert model(images).text_logits is None and model(None, text).image_logits is None
+
+
+def test_token_params_count_one_ffn_branch_per_block() -> None:
+    """One token's path: a dense model of the same shape has the MoE model's figure but for the routers."""
+    cfg = tiny(moe=MoEConfig(top_k=1))
+    moe, dense = make(**{"moe": MoEConfig(top_k=1)}), make(moe_every=0, moe=MoEConfig(top_k=1))
+    ffn = sum(p.numel() for p in dense.blocks[0].v_ffn.parameters())
+    # the dense model keeps V, T (and VL) FFNs of one size in every block; a token uses one per block
+    assert dense.num_token_params() == dense.num_params() - (cfg.n_layers + cfg.n_vl_layers) * ffn
+    routers = sum(b.v_ffn.router.weight.numel() for b in moe.blocks if b.is_moe)  # both pools' routers are alike
+    assert moe.num_token_params() - dense.num_token_params() == routers
+    assert dense.num_active_params() - moe.num_active_params() > 0  # the paper's count: every dense FFN

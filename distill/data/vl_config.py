@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from distill.data.config import DEFAULT_CACHE_DIR, DataConfig, cache_root
+from distill.data.image_tokenizer import ImageTokenizerConfig
 from distill.errors import ConfigError
 
 SOURCES = ("scenes", "imagefolder", "hub")
@@ -16,9 +19,9 @@ class VLDataConfig:
     source: str = "scenes"  # "scenes" (rendered here) | "imagefolder" (a directory) | "hub" (load_dataset)
     # imagefolder: a directory of images with a metadata.jsonl ({"file_name": ..., <text_column>: ...});
     # hub: a load_dataset name or a local dataset directory (parquet, arrow, ...)
-    path: str | None = None
-    name: str | None = None  # hub: load_dataset config name
-    split: str | None = None  # hub/imagefolder: load_dataset split; None pools all splits
+    path: Optional[str] = None  # noqa: UP045 (OmegaConf reads the annotation)
+    name: Optional[str] = None  # noqa: UP045 # hub: load_dataset config name
+    split: Optional[str] = None  # noqa: UP045 # hub/imagefolder: load_dataset split; None pools all splits
     image_column: str = "image"
     text_column: str = "text"  # imagefolder/hub: the caption column
     # scenes
@@ -34,9 +37,17 @@ class VLDataConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     split_seed: int = 0
+    # tokenizers: visual tokens (a patch codebook fitted on the train images) and a text BPE
+    image_tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    vocab_size: int = 1000  # text BPE, trained on the train captions, questions and distractors
+    max_text_len: int = 40  # tokens per text, [CLS] included; longer texts are truncated
     batch_size: int = 64
     num_workers: int = 0
     cache_dir: str = DEFAULT_CACHE_DIR  # env DISTILL_CACHE overrides the default
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_tokenizer, Mapping):  # VLDataConfig(**OmegaConf.to_container(node)) gives a dict
+            self.image_tokenizer = ImageTokenizerConfig(**self.image_tokenizer)
 
     def validate(self) -> VLDataConfig:
         """Check the values a build needs; raise ConfigError naming the key to fix; return self."""
@@ -63,6 +74,23 @@ class VLDataConfig:
         if self.image_size < 8 * self.grid:
             raise ConfigError(
                 "data.image_size", f"{self.image_size} px leaves under 8 px per cell of a {self.grid}-grid."
+            )
+        if self.vocab_size < 16:
+            raise ConfigError(
+                "data.vocab_size", f"a text vocabulary of {self.vocab_size} is too small.", "e.g. data.vocab_size=1000."
+            )
+        if self.max_text_len < 2:
+            raise ConfigError(
+                "data.max_text_len", f"must hold [CLS] and a token, got {self.max_text_len}.", "e.g. 32."
+            )
+        self.image_tokenizer.validate()
+        patch = self.image_tokenizer.patch_size
+        if self.image_size % patch:
+            raise ConfigError(
+                "data.image_size",
+                f"{self.image_size} px do not divide into patches of {patch} px.",
+                f"use a multiple of data.image_tokenizer.patch_size, e.g. data.image_size="
+                f"{max(patch, self.image_size // patch * patch)}, or change the patch size.",
             )
         if self.min_objects < 2:
             raise ConfigError("data.min_objects", f"a caption relates objects: need >= 2, got {self.min_objects}.")

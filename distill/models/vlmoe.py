@@ -100,6 +100,25 @@ class VLMoE(nn.Module):
         )
         return self.num_params() - routed + used
 
+    def _ffn_params(self, ffn: nn.Module | None, per_token: bool) -> int:
+        """An FFN branch's parameters: all of them (every expert), or those one token uses (top_k experts)."""
+        if ffn is None:
+            return 0
+        if not isinstance(ffn, MoELayer):
+            return sum(p.numel() for p in ffn.parameters())
+        rest = sum(p.numel() for n, p in ffn.named_parameters() if not n.startswith("experts."))
+        return rest + (self.cfg.moe.top_k if per_token else ffn.num_experts) * self._per_expert(ffn)
+
+    def num_token_params(self) -> int:
+        """Parameters on one token's path, the compute measure: every non-FFN parameter (embeddings, heads,
+        attention, norms) plus, per block, the one FFN branch a token takes (V, T or VL; for a MoE pool its
+        router and `top_k` experts), the largest of them. A dense model of the same shape has the same figure
+        (the routers aside), where `num_active_params` counts all of its modality FFNs."""
+        blocks = [(b.v_ffn, b.t_ffn, b.vl_ffn) for b in self.blocks]
+        every = sum(self._ffn_params(f, per_token=False) for ffns in blocks for f in ffns)
+        path = sum(max(self._ffn_params(f, per_token=True) for f in ffns) for ffns in blocks)
+        return self.num_params() - every + path
+
     # -- forward -------------------------------------------------------------------------------------
 
     def embed_images(self, images: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:

@@ -29,7 +29,8 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         now = time.perf_counter()
-        n = batch["input_ids"][:, :-1].numel() * trainer.world_size
+        count = getattr(pl_module, "batch_tokens", None)  # a module whose batches are not packed token blocks
+        n = (int(count(batch)) if callable(count) else batch["input_ids"][:, :-1].numel()) * trainer.world_size
         self.tokens_seen += n
         if self._t_last is not None and trainer.global_step > 1:  # skip warm-up steps
             dt = now - self._t_last
