@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 ARGS   ?=
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run run-vl test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 run: setup
 	$(PY) -m distill.pipeline $(ARGS)
+
+run-vl: setup  # the VL-MoE pipeline (README, "Vision-language MoE")
+	$(PY) -m distill.pipeline task=vl $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

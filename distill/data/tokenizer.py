@@ -31,6 +31,14 @@ logger = logging.getLogger(__name__)
 KNOWN_EOS_TOKENS = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 
 
+def save_tokenizer(backend: Tokenizer, directory: str | os.PathLike) -> Path:
+    """Write `directory`/tokenizer.json (what `Tokenizer.from_file` and transformers read); return its path."""
+    path = Path(directory) / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backend.save(str(path))
+    return path
+
+
 class TextTokenizer:
     """A `tokenizers.Tokenizer` with its end-of-text id and a fingerprint of its whole definition."""
 
@@ -59,11 +67,7 @@ class TextTokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `directory`/tokenizer.json; return its path."""
-        path = Path(directory) / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path))
-        return path
+        return save_tokenizer(self.backend, directory)
 
     def __repr__(self) -> str:
         return f"TextTokenizer(kind={self.kind}, vocab_size={self.vocab_size}, eos={self.eos_token!r}={self.eos_id})"

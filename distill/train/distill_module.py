@@ -30,7 +30,42 @@ class _TeacherSlot:
         self.model: torch.nn.Module | None = None
 
 
-class DistillModule(LMModule):
+class LazyTeacher:
+    """The frozen teacher of a KD module: built by ``self.teacher_loader`` at the first step that needs it,
+    kept in ``self._slot`` (outside ``state_dict``, ``parameters()`` and the optimizer), released at the stop
+    step and never run again. The module sets ``_slot``, ``teacher_loader`` and ``teacher_released``."""
+
+    _slot: _TeacherSlot
+    teacher_loader: Callable[[], torch.nn.Module] | None
+    teacher_released: bool
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        return self._slot.model
+
+    def ensure_teacher(self) -> torch.nn.Module:
+        if self._slot.model is None:
+            if self.teacher_released:
+                raise RuntimeError("the teacher was released at the KD stop step and must not run again")
+            if self.teacher_loader is None:
+                raise RuntimeError("KD needs the teacher, but this module was built without a teacher_loader")
+            # building the model draws from the RNG: keep the training stream as it would be without it
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                model = self.teacher_loader()
+            model.eval().requires_grad_(False)
+            self._slot.model = model.to(self.device)
+        return self._slot.model
+
+    def release_teacher(self) -> None:
+        if self._slot.model is not None:
+            self._slot.model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self.teacher_released = True
+
+
+class DistillModule(LazyTeacher, LMModule):
     """Staged KD from a teacher that is loaded lazily, frozen, and released at the stop step.
 
     ``teacher_loader`` is called at the first step that needs the teacher (so a run resumed after the stop
@@ -63,33 +98,8 @@ class DistillModule(LMModule):
         self.val_agree = MeanMetric()
 
     # ----------------------------------------------------------------------------- the teacher
-    @property
-    def teacher(self) -> torch.nn.Module | None:
-        return self._slot.model
-
     def kd_active(self, step: int | None = None) -> bool:
         return self.schedule.active(self.global_step if step is None else step)
-
-    def ensure_teacher(self) -> torch.nn.Module:
-        if self._slot.model is None:
-            if self.teacher_released:
-                raise RuntimeError("the teacher was released at the KD stop step and must not run again")
-            if self.teacher_loader is None:
-                raise RuntimeError("KD needs the teacher, but this module was built without a teacher_loader")
-            # building the model draws from the RNG: keep the training stream as it would be without it
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                model = self.teacher_loader()
-            model.eval().requires_grad_(False)
-            self._slot.model = model.to(self.device)
-        return self._slot.model
-
-    def release_teacher(self) -> None:
-        if self._slot.model is not None:
-            self._slot.model = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        self.teacher_released = True
 
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         teacher = self.ensure_teacher()

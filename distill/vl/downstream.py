@@ -26,6 +26,20 @@ from distill.vl.sets import RetrievalSet, VQASet
 
 
 # --------------------------------------------------------------------------------- shared pieces
+def _start(model: VLMoE, cfg: DownstreamConfig, make_head: Any) -> tuple[VLMoE, dict[str, Tensor], nn.Module,
+                                                                        torch.optim.Optimizer, torch.Generator]:
+    """A frozen-MoE copy of `model` in train mode, the snapshot of its MoE parameters, the task's head (built
+    from d_model under a seeded RNG that leaves the caller's stream alone), their optimizer, the batch RNG."""
+    cfg.validate()
+    model, before = _frozen_copy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = make_head(model.cfg.d_model).to(_device(model))
+    opt = _optimizer([model, head], cfg)
+    model.train()
+    return model, before, head, opt, torch.Generator().manual_seed(cfg.seed)
+
+
 def _frozen_copy(model: VLMoE) -> tuple[VLMoE, dict[str, Tensor]]:
     """A deep copy with its MoE layers frozen, and a snapshot of those layers' parameters."""
     model = copy.deepcopy(model)
@@ -74,15 +88,8 @@ def finetune_vqa(model: VLMoE, train: VQASet, test: VQASet, num_answers: int, cf
     """Fine-tune a frozen-MoE copy of `model` and a `VQAHead` for `cfg.vqa_steps` steps on seeded random
     batches of `train`; return ``{"vqa_acc", "vqa_curve": [(step, train loss)], "frozen_ok"}``, the accuracy
     being measured on `test`."""
-    cfg.validate()
-    model, before = _frozen_copy(model)
+    model, before, head, opt, g = _start(model, cfg, lambda d: VQAHead(d, num_answers))
     device = _device(model)
-    g = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        head = VQAHead(model.cfg.d_model, num_answers).to(device)
-    opt = _optimizer([model, head], cfg)
-    model.train()
     curve: list[tuple[int, float]] = []
     for step in tqdm(range(cfg.vqa_steps), desc="vqa", disable=not progress):
         idx = torch.randint(0, len(train), (min(cfg.batch_size, len(train)),), generator=g)
@@ -150,15 +157,8 @@ def finetune_retrieval(model: VLMoE, train: RetrievalSet, test: RetrievalSet, cf
     `test`: image-to-text recall@1/@5 against all test captions plus all test distractors (a hit: the image's
     own caption within k), text-to-image recall@1/@5 against the test images. Returns ``{"i2t_r1", "i2t_r5",
     "t2i_r1", "t2i_r5", "retrieval_curve": [(step, train loss)], "gallery_size", "frozen_ok"}``."""
-    cfg.validate()
-    model, before = _frozen_copy(model)
+    model, before, enc, opt, g = _start(model, cfg, DualEncoder)
     device = _device(model)
-    g = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        enc = DualEncoder(model.cfg.d_model).to(device)
-    opt = _optimizer([model, enc], cfg)
-    model.train()
     curve: list[tuple[int, float]] = []
     for step in tqdm(range(cfg.retrieval_steps), desc="retrieval", disable=not progress):
         idx = torch.randperm(len(train), generator=g)[: cfg.batch_size]

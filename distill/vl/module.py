@@ -12,7 +12,6 @@ released at the stop step. The model knows nothing of Lightning; this module own
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import math
 from collections.abc import Callable, Mapping
@@ -28,7 +27,7 @@ from distill.kd import KDConfig, KDSchedule, kd_loss_from_config
 from distill.models.fused import FUSED_LAYOUT
 from distill.models.vl_config import VLMoEConfig
 from distill.models.vlmoe import VLMoE
-from distill.train.distill_module import _TeacherSlot
+from distill.train.distill_module import LazyTeacher, _TeacherSlot
 from distill.train.optim import build_optimizer
 from distill.vl.masking import IGNORE_INDEX, MaskingConfig, mask_images, mask_text
 
@@ -58,7 +57,7 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return ce / max(n, 1), n
 
 
-class VLModule(L.LightningModule):
+class VLModule(LazyTeacher, L.LightningModule):
     """Masked data modeling: ``loss = objective + aux_coef * aux + z_coef * z``; while KD is on,
     ``ce_weight * objective + w(step) * KD + aux terms``.
 
@@ -162,31 +161,6 @@ class VLModule(L.LightningModule):
         return n
 
     # ----------------------------------------------------------------------------- the teacher
-    @property
-    def teacher(self) -> torch.nn.Module | None:
-        return self._slot.model
-
-    def ensure_teacher(self) -> torch.nn.Module:
-        if self._slot.model is None:
-            if self.teacher_released:
-                raise RuntimeError("the teacher was released at the KD stop step and must not run again")
-            if self.teacher_loader is None:
-                raise RuntimeError("KD needs the teacher, but this module was built without a teacher_loader")
-            # building the model draws from the RNG: keep the training stream as it would be without it
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                model = self.teacher_loader()
-            model.eval().requires_grad_(False)
-            self._slot.model = model.to(self.device)
-        return self._slot.model
-
-    def release_teacher(self) -> None:
-        if self._slot.model is not None:
-            self._slot.model = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        self.teacher_released = True
-
     def kd_term(self, out: Any, masked: Masked) -> torch.Tensor:
         """KD on the masked text positions and the masked patches (summed over the present modalities); the
         teacher sees the same masked inputs."""

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
 from distill.data.config import digest
+from distill.data.tokenizer import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,7 @@ class VLTextTokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `directory`/tokenizer.json; return its path."""
-        path = Path(directory) / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path))
-        return path
+        return save_tokenizer(self.backend, directory)
 
     def __repr__(self) -> str:
         return f"VLTextTokenizer(vocab_size={self.vocab_size}, pad={self.pad_id}, cls={self.cls_id})"
