@@ -262,7 +262,7 @@ def test_hydra_group_composes_into_the_config(tmp_path: Path) -> None:
         scenes = compose(overrides=["+data=scenes", "data.num_scenes=50"])
         folder = compose(overrides=["+data=imagefolder"])
     cfg = VLDataConfig(**OmegaConf.to_container(scenes.data)).validate()
-    assert (cfg.source, cfg.num_scenes, cfg.image_size) == ("scenes", 50, 32)
+    assert (cfg.source, cfg.num_scenes, cfg.image_size) == ("scenes", 50, 48)
     with pytest.raises(ConfigError, match=r"data\.path"):
         VLDataConfig(**OmegaConf.to_container(folder.data)).validate()
     path = str(image_folder(tmp_path / "pics"))

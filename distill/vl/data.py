@@ -36,7 +36,7 @@ from distill.data.corpus import corpus_fingerprint
 from distill.data.image_tokenizer import mean_patch_error, train_or_load
 from distill.data.scenes import ANSWERS, build_scenes
 from distill.data.vl_config import VLDataConfig, vl_cache_root
-from distill.vl.sets import RetrievalSet, VQASet
+from distill.vl.sets import RetrievalSet, VQASet, trim_padding
 from distill.vl.text_tokenizer import encode_padded, train_or_load_text
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class VLDataModule(L.LightningDataModule):
             out["visual_tokens"] = self.visual_tokens[split][index]
         if kind != "image":
             ids, mask = self.captions[split]
-            out["text_ids"], out["text_mask"] = ids[index], mask[index]
+            out["text_ids"], out["text_mask"] = trim_padding(ids[index], mask[index])
         return out
 
     def _order(self, kind: int, epoch: int) -> Tensor:

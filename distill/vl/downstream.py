@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from distill.models.vlmoe import VLMoE, freeze_moe
 from distill.vl.config import DownstreamConfig
-from distill.vl.sets import RetrievalSet, VQASet
+from distill.vl.sets import RetrievalSet, VQASet, trim_padding
 
 
 # --------------------------------------------------------------------------------- shared pieces
@@ -79,6 +79,7 @@ class VQAHead(nn.Module):
                                  nn.Linear(2 * d_model, num_answers))  # fmt: skip
 
     def forward(self, model: VLMoE, images: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        ids, mask = trim_padding(ids, mask)
         h = model(images=images, text_ids=ids, text_mask=mask).hidden
         return self.net(torch.cat([h[:, 0], h[:, _n_image_tokens(model)]], dim=-1))
 
@@ -137,6 +138,7 @@ class DualEncoder(nn.Module):
         return F.normalize(self.image_proj(model(images=images).hidden[:, 0]).float(), dim=-1)
 
     def texts(self, model: VLMoE, ids: Tensor, mask: Tensor) -> Tensor:
+        ids, mask = trim_padding(ids, mask)
         return F.normalize(self.text_proj(model(text_ids=ids, text_mask=mask).hidden[:, 0]).float(), dim=-1)
 
     def scale(self) -> Tensor:

@@ -34,3 +34,10 @@ class RetrievalSet:
 
     def __len__(self) -> int:
         return len(self.caption_ids)
+
+
+def trim_padding(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the columns after the longest text of a right-padded batch (ids, mask [..., L]): padding is never
+    attended to, so the model computes the same for the real tokens, on fewer positions."""
+    longest = int(mask.sum(-1).max()) if mask.numel() else 0
+    return ids[..., : max(longest, 1)], mask[..., : max(longest, 1)]
