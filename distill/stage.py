@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from distill.data import LMDataModule
@@ -40,7 +41,7 @@ class Stage:
     """How one stage differs from another: its module, what to do before a fresh start, what it reports."""
 
     build: Callable[[LMDataModule], LMModule]
-    init_fresh: Callable[[LMModule], None] | None = None  # only when the stage does not resume
+    init_fresh: Callable[[LMModule, LMDataModule], None] | None = None  # only when the stage does not resume
     teacher: dict[str, str] | None = None  # {path, sha256}: run_info.json and the export's metadata
     extra_callbacks: list = field(default_factory=list)
 
@@ -57,6 +58,14 @@ def prepare_data(spec: RunSpec) -> LMDataModule:
     dm.prepare_data()
     dm.setup("fit")
     return dm
+
+
+def calibration_batches(dm: LMDataModule, n: int) -> list[torch.Tensor]:
+    """The first ``n`` batches of training inputs, read from the packed blocks (the train loader's resumable
+    position is left alone): the calibration data of expert selection."""
+    size = dm.cfg.batch_size
+    ids = torch.as_tensor(dm.blocks["train"][: n * size]["input_ids"])[:, :-1]
+    return list(ids.split(size))
 
 
 def pretrain_stage(spec: RunSpec) -> Stage:
@@ -80,10 +89,15 @@ def distill_stage(spec: RunSpec) -> Stage:
         return DistillModule(student, spec.optim, schedule, teacher_loader=TeacherLoader(teacher, spec.teacher_dtype),
                              teacher=ref)
 
-    def init_from_teacher(module: LMModule) -> None:
+    def init_from_teacher(module: LMModule, dm: LMDataModule) -> None:
         # A local of this function: the teacher is unreachable (and freed) once the copy is done, before fit.
-        source_model = teacher.student_init_model(module.model_cfg)
-        init_student_from_teacher(module.model, source_model, spec.student_init)
+        s = spec.student_init
+        shape = module.model_cfg
+        if s.expert_selection != "first":  # every teacher expert, to choose from (students/experts.py)
+            experts = teacher.architecture().num_experts
+            shape = replace(shape, num_experts=list(experts[len(experts) - len(shape.num_experts):]))
+        source_model = teacher.student_init_model(shape)
+        init_student_from_teacher(module.model, source_model, s, calibration_batches(dm, s.calibration_batches))
         del source_model
         gc.collect()
 
@@ -111,7 +125,7 @@ def run_stage(spec: RunSpec, stage: Stage, dm: LMDataModule | None = None) -> tu
     resumed = resolve_resume(spec.resume, out_dir)
     ckpt_path = str(resumed) if resumed is not None else None
     if ckpt_path is None and stage.init_fresh is not None:
-        stage.init_fresh(module)
+        stage.init_fresh(module, dm)
     logger = make_stage_logger(spec.logger, out_dir, spec.stage, spec.run_config)
     trainer, throughput = build_trainer(spec.trainer, spec.checkpoint, spec.strategy, out_dir, logger,
                                         stage.extra_callbacks)

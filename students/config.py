@@ -8,6 +8,7 @@ from typing import List, Optional
 from distill.errors import ConfigError
 
 INITS = ("scratch", "teacher")
+SELECTIONS = ("first", "importance", "merge")
 
 
 @dataclass
@@ -22,9 +23,20 @@ class StudentConfig:
     init: str = "scratch"
     # init=teacher: the teacher block index for each student block; None = keep the deepest blocks.
     teacher_layers: Optional[List[int]] = None
+    # init=teacher with fewer experts than the teacher's block: which experts the student starts from
+    # (students/experts.py): "first" (the first N), "importance" (REAP: top N by gate x output norm over a
+    # calibration pass on training data), "merge" (importance, dropped experts merged into kept ones).
+    expert_selection: str = "first"
+    calibration_batches: int = 8  # training batches of the calibration pass (importance, merge)
 
     def validate(self) -> StudentConfig:
         """The values no derivation checks (depth and expert counts are checked by `derive_student`)."""
         if self.init not in INITS:
             raise ConfigError("student.init", f"unknown value {self.init!r}.", f"use one of {', '.join(INITS)}.")
+        if self.expert_selection not in SELECTIONS:
+            raise ConfigError("student.expert_selection", f"unknown value {self.expert_selection!r}.",
+                              f"use one of {', '.join(SELECTIONS)}.")
+        if self.calibration_batches < 1:
+            raise ConfigError("student.calibration_batches", f"must be >= 1, got {self.calibration_batches}.",
+                              "e.g. 8.")
         return self

@@ -7,7 +7,9 @@ student's MoE blocks take the expert counts of the teacher's *last* MoE blocks (
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
@@ -15,6 +17,8 @@ import torch
 from distill.errors import ConfigError
 from distill.models import ModelConfig
 from students.config import StudentConfig
+
+logger = logging.getLogger(__name__)
 
 
 def student_depth(teacher: ModelConfig, s: StudentConfig) -> int:
@@ -70,8 +74,13 @@ def default_teacher_layers(teacher: ModelConfig, student: ModelConfig) -> list[i
 
 
 @torch.no_grad()
-def init_student_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, s: StudentConfig) -> list[int]:
-    """Copy embeddings, final norm and the chosen teacher blocks into ``student``; returns the mapping."""
+def init_student_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, s: StudentConfig,
+                              calibration: Iterable[torch.Tensor] | None = None) -> list[int]:
+    """Copy embeddings, final norm and the chosen teacher blocks into ``student``; returns the mapping.
+
+    A student MoE block with fewer experts than its teacher block starts from the experts
+    ``s.expert_selection`` picks (students/experts.py), scored on ``calibration`` (input-id batches of
+    training data) for "importance" and "merge"."""
     scfg, tcfg = student.cfg, teacher.cfg
     mapping = list(s.teacher_layers) if s.teacher_layers is not None else default_teacher_layers(tcfg, scfg)
     if len(mapping) != scfg.n_layers:
@@ -81,10 +90,27 @@ def init_student_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module
             "give one teacher block index per student block.",
         )
     t_blocks, s_blocks = list(teacher.blocks), list(student.blocks)
-    for si, ti in enumerate(mapping):
+    for ti in mapping:
         if not 0 <= ti < len(t_blocks):
             raise ConfigError("student.teacher_layers", f"teacher block {ti} does not exist "
                               f"(the teacher has {len(t_blocks)}).")
+    shrunk = [si for si, ti in enumerate(mapping) if s_blocks[si].is_moe and t_blocks[ti].is_moe
+              and s_blocks[si].ffn.num_experts != t_blocks[ti].ffn.num_experts]
+    if shrunk:  # the MoE blocks go through the expert selection, the rest is copied below
+        from students.experts import expert_importance, init_student_experts
+
+        stats = None
+        if s.expert_selection != "first":
+            if calibration is None:
+                raise ValueError(f"expert_selection={s.expert_selection!r} needs calibration batches")
+            stats = expert_importance(teacher, calibration, max_batches=s.calibration_batches)
+        kept = init_student_experts(student, teacher, mapping, s.expert_selection, stats)
+        for si, experts in kept.items():
+            logger.info("student block %d: teacher block %d's experts %s (%s)", si, mapping[si], experts,
+                        s.expert_selection)
+    for si, ti in enumerate(mapping):
+        if shrunk and s_blocks[si].is_moe:
+            continue
         t_state, s_block = t_blocks[ti].state_dict(), s_blocks[si]
         mismatch = [k for k, v in s_block.state_dict().items() if k not in t_state or t_state[k].shape != v.shape]
         if mismatch or len(t_state) != len(s_block.state_dict()):

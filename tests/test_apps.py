@@ -165,3 +165,14 @@ def test_the_run_description_is_built_once_per_run(pretrained: Path, distilled: 
     calls = json.loads((distilled / "counts.json").read_text())
     # the teacher's architecture (read from its export) and the 3-layer student derived from it
     assert calls == {"model_validate": ["tiny", "tiny-mos3"], "moe_validate": 2, "kd_schedule": 1}, calls
+
+
+def test_distill_student_with_fewer_experts_chosen_by_importance(pretrained: Path, tmp_path: Path):
+    """student.init=teacher with half the experts: a calibration pass picks them (students/experts.py)."""
+    proc = run_app("distill", *TINY_DATA, f"teacher.path={pretrained / 'export'}", "trainer=smoke",
+                   "trainer.max_steps=2", "student.init=teacher", "student.num_experts=[4]",
+                   "student.expert_selection=importance", "student.calibration_batches=2", "logger=csv",
+                   f"hydra.run.dir={tmp_path}")
+    _, cfg = load_exported(tmp_path / "export")
+    assert cfg.num_experts == [4]
+    assert "teacher block 3's experts" in proc.stdout + proc.stderr and "(importance)" in proc.stdout + proc.stderr

@@ -71,3 +71,44 @@ def test_init_from_teacher_rejects_kind_mismatch():
     with pytest.raises(ConfigError) as err:
         init_student_from_teacher(GPT(s_cfg), GPT(t_cfg), StudentConfig(teacher_layers=[1, 2, 3, 4]))
     assert err.value.key == "student.teacher_layers"
+
+
+def _planted_teacher() -> GPT:
+    """A teacher whose experts 1 and 3 of every MoE block have outputs 10x larger: the important ones."""
+    torch.manual_seed(0)
+    teacher = GPT(tiny_teacher_cfg(6, experts=[4, 4, 4])).eval()
+    with torch.no_grad():
+        for block in teacher.blocks:
+            if block.is_moe:
+                block.ffn.experts.w_out[[1, 3]] *= 10
+    return teacher
+
+
+@pytest.mark.parametrize("selection, kept", [("first", [0, 1]), ("importance", [1, 3]), ("merge", [1, 3])])
+def test_init_from_teacher_with_fewer_experts_keeps_the_selected_ones(selection: str, kept: list[int]):
+    teacher = _planted_teacher()
+    s = StudentConfig(n_layers=4, num_experts=[2, 2], init="teacher", expert_selection=selection)
+    student = GPT(derive_student(teacher.cfg, s)).eval()
+    calibration = [torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    mapping = init_student_from_teacher(student, teacher, s, calibration)
+    for si, ti in enumerate(mapping):
+        t_block, s_block = teacher.blocks[ti], student.blocks[si]
+        torch.testing.assert_close(s_block.attn.c_attn.weight, t_block.attn.c_attn.weight)
+        if s_block.is_moe:
+            torch.testing.assert_close(s_block.ffn.router.weight, t_block.ffn.router.weight[kept])
+            if selection != "merge":  # merge averages the dropped experts into the kept ones
+                torch.testing.assert_close(s_block.ffn.experts.w_in, t_block.ffn.experts.w_in[kept])
+        else:
+            torch.testing.assert_close(s_block.state_dict(), t_block.state_dict())
+    torch.testing.assert_close(student.state_dict()["wte.weight"], teacher.state_dict()["wte.weight"])
+    assert torch.isfinite(student(calibration[0]).logits).all()
+
+
+def test_importance_selection_needs_calibration_and_fewer_experts():
+    teacher = _planted_teacher()
+    s = StudentConfig(n_layers=4, num_experts=[2, 2], init="teacher", expert_selection="importance")
+    with pytest.raises(ValueError, match="calibration"):
+        init_student_from_teacher(GPT(derive_student(teacher.cfg, s)), teacher, s)
+    with pytest.raises(ConfigError) as err:
+        StudentConfig(expert_selection="best").validate()
+    assert err.value.key == "student.expert_selection"
