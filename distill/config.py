@@ -251,7 +251,7 @@ class PlanConfig:
 
 
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "distill": DistillConfig, "pipeline": PipelineConfig,
-                            "plan": PlanConfig}
+                            "plan": PlanConfig, "teacher_targets": DistillConfig}
 # The pipeline's schema is a config group (conf/pipeline.yaml: `schema: pipeline`) that conf/task/vl.yaml overrides.
 TASK_SCHEMAS: dict[str, type] = {"lm": PipelineConfig, "vl": VLPipelineConfig}
 

@@ -50,7 +50,7 @@ class PipelineSettings:
 class RunSpec:
     """What one run (or one stage of the pipeline) needs, typed and validated."""
 
-    app: str  # pretrain | distill | pipeline
+    app: str  # pretrain | distill | pipeline | teacher_targets
     stage: str  # wandb job_type and the stage's sub-directory
     out_dir: Path
     seed: int
@@ -156,12 +156,12 @@ def resolve(cfg: DictConfig, app: str) -> RunSpec:
     if app in ("pretrain", "pipeline"):
         spec.model = _node(cfg, "model").validate()
         architectures.append(spec.model)
-    if app in ("distill", "pipeline"):
-        if app == "distill":
+    if app in ("distill", "pipeline", "teacher_targets"):
+        if app != "pipeline":
             spec.kd = kd_group(cfg.kd, None, trainer.max_steps)
         else:
             spec.students = {name: kd_group(cfg.kd, group, trainer.max_steps) for name, group in PIPELINE_STUDENTS.items()}
-        if app == "distill" or cfg.teacher.path is not None:
+        if app != "pipeline" or cfg.teacher.path is not None:
             spec.teacher = instantiate_teacher(cfg.teacher)
             teacher_arch = spec.teacher.architecture()
             architectures.insert(0, teacher_arch)  # its config first: the rest builds on it

@@ -24,6 +24,7 @@ from distill.data import LMDataModule
 from distill.data.resumable import ResumableDataModule
 from distill.errors import NonFiniteError
 from distill.export import export_model
+from distill.kd.targets import ensure_targets
 from distill.parallel.parallelize import is_parallelized
 from distill.resolve import RunSpec
 from distill.runinfo import write_run_info
@@ -83,6 +84,12 @@ def distill_stage(spec: RunSpec) -> Stage:
 
     def build(dm: LMDataModule) -> LMModule:
         teacher.check_vocab(dm.tokenizer)
+        k = schedule.cfg
+        if schedule.uses_teacher and k.teacher_targets == "offline":  # computed once, shared through the cache
+            with torch.random.fork_rng():  # building the teacher draws from the RNG: the student's init must not see it
+                targets, _, _ = ensure_targets(dm, teacher.as_gpt, ref["sha256"], k=k.topk, temperature=k.temperature,
+                                               batch_size=dm.cfg.batch_size, value_dtype=k.targets_dtype)
+            dm.attach_targets(targets)
         student = replace(spec.student, vocab_size=dm.vocab_size)
         # the module drops the loader when the schedule never runs KD (KDSchedule.uses_teacher)
         # a mesh strategy lays the teacher out on its own layout (TeacherLoader.sharded), reading only its slices

@@ -10,7 +10,7 @@ import sys
 # a step's large fresh buffers (activations, expert gradients) are not dominated by 4 KB page faults.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-SECTIONS = ["moe", "train", "parallel", "optim", "alltoall"]  # modules of distill.bench with a main(); add yours here
+SECTIONS = ["moe", "train", "targets", "parallel", "optim", "alltoall"]  # modules of distill.bench with a main(); add yours here
 
 
 def main(argv: list[str]) -> None:

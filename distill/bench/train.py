@@ -12,6 +12,7 @@ import statistics
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import lightning as L
 import torch
@@ -57,7 +58,8 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def fit_step_times(module: L.LightningModule, skip: int) -> float:
+def fit_step_times(module: L.LightningModule, skip: int, data: Any = None) -> float:
+    """The median step time of a short fit on ``data`` (default: random blocks), after ``skip`` steps."""
     timer = StepTimer()
     trainer = L.Trainer(
         max_steps=STEPS,
@@ -70,7 +72,8 @@ def fit_step_times(module: L.LightningModule, skip: int) -> float:
         limit_val_batches=0,
         callbacks=[timer],
     )
-    trainer.fit(module, train_dataloaders=DataLoader(RandomBlocks(STEPS * BATCH), batch_size=BATCH))
+    data = RandomBlocks(STEPS * BATCH) if data is None else data
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=BATCH))
     return statistics.median(timer.times[skip:])
 
 

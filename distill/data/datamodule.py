@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import lightning as L
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from torch.utils.data import DataLoader, DistributedSampler
 
 from distill.data.config import SPLITS, DataConfig, cache_root, digest
@@ -39,6 +39,7 @@ class LMDataModule(L.LightningDataModule):
         self.tokens: DatasetDict | None = None
         self.blocks: DatasetDict | None = None
         self._stats: dict[str, Any] | None = None
+        self.train_targets: Dataset | None = None  # offline teacher targets, one row per train block
 
     def _build(self) -> tuple[DatasetDict, TextTokenizer, DatasetDict, DatasetDict]:
         start = time.perf_counter()
@@ -67,7 +68,16 @@ class LMDataModule(L.LightningDataModule):
     def _split(self, split: str) -> Dataset:
         if self.blocks is None:
             raise RuntimeError("LMDataModule: call setup() first")
+        if split == "train" and self.train_targets is not None:  # each batch carries its blocks' targets
+            return concatenate_datasets([self.blocks[split], self.train_targets], axis=1).with_format("torch")
         return self.blocks[split].with_format("torch")
+
+    def attach_targets(self, targets: Dataset) -> None:
+        """Offline teacher targets (distill/kd/targets.py): row i belongs to train block i; the train batches
+        then also hold their t_ids / t_logp / t_tail / r_ids / r_gates."""
+        if self.blocks is None or len(targets) != len(self.blocks["train"]):
+            raise ValueError("the targets must have one row per train block of this data module")
+        self.train_targets = targets
 
     def _replicas(self) -> dict[str, int]:
         """num_replicas and rank of this process among the data-parallel replicas."""

@@ -6,12 +6,25 @@ computed chunk by chunk in at least fp32. `KDSchedule(cfg, max_steps)` says at e
 whether KD is on and with what weight; `KDSchedule.uses_teacher` is False when KD never runs.
 `distill.kd.sparse`: the same divergences from a teacher's stored top-k log-probabilities (offline targets),
 the rest of the vocabulary as one tail bucket; equal to the dense losses when k is the vocabulary.
+`distill.kd.internal`: router KD and hidden-state KD between mapped layers, and the default maps.
 """
 
+from distill.kd.internal import (
+    InternalMaps,
+    default_block_map,
+    default_layer_map,
+    expert_map,
+    hidden_kd_loss,
+    resolve_internal_maps,
+    resolve_layer_map,
+    router_kd_loss,
+)
 from distill.kd.losses import kd_loss, kd_loss_from_config, kl_to_teacher, top1_agreement
 from distill.kd.schedule import (
     DECAYS,
+    HIDDEN_LOSSES,
     LOSSES,
+    TEACHER_TARGETS,
     KDConfig,
     KDSchedule,
 )
@@ -19,13 +32,23 @@ from distill.kd.sparse import TopK, sparse_kd_loss, teacher_topk
 
 __all__ = [
     "DECAYS",
+    "HIDDEN_LOSSES",
+    "InternalMaps",
     "LOSSES",
+    "TEACHER_TARGETS",
     "KDConfig",
     "KDSchedule",
     "TopK",
+    "default_block_map",
+    "default_layer_map",
+    "expert_map",
+    "hidden_kd_loss",
     "kd_loss",
     "kd_loss_from_config",
     "kl_to_teacher",
+    "resolve_internal_maps",
+    "resolve_layer_map",
+    "router_kd_loss",
     "sparse_kd_loss",
     "teacher_topk",
     "top1_agreement",

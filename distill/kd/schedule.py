@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from distill.errors import ConfigError
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 DECAYS = ("none", "linear", "cosine")
+HIDDEN_LOSSES = ("mse", "cosine")
+TEACHER_TARGETS = ("online", "offline")
 
 
 def _check_loss_args(loss: str, temperature: float, beta: float, chunk_size: int) -> None:
@@ -42,6 +44,16 @@ class KDConfig:
     stop_fraction: Optional[float] = None  # noqa: UP045
     decay: str = "none"  # "none" | "linear" | "cosine": kd_weight decays to 0 at the stop step
     chunk_size: int = 1024  # tokens per chunk of the loss computation
+    # Internal KD (distill/kd/internal.py), on while KD is on, each scaled by the KD weight of the step:
+    router_weight: float = 0.0  # KL(teacher router || student router) at mapped MoE layers (0 = off)
+    hidden_weight: float = 0.0  # student -> teacher block-output distance at mapped blocks (0 = off)
+    hidden_loss: str = "mse"  # "mse" | "cosine"
+    # one teacher MoE-layer index (0-based among the teacher's MoE layers) per student MoE layer;
+    # null = the deepest teacher MoE layers, in order (the Mixture-of-Students mapping)
+    layer_map: Optional[List[int]] = None  # noqa: UP006, UP045
+    teacher_targets: str = "online"  # "online" (the teacher runs) | "offline" (stored top-k targets)
+    topk: int = 32  # offline targets: teacher log-probabilities kept per token
+    targets_dtype: str = "float16"  # offline targets: the stored log-probabilities' dtype ("float32": exact)
 
     def __post_init__(self) -> None:
         _check_loss_args(self.loss, self.temperature, self.beta, self.chunk_size)
@@ -49,6 +61,7 @@ class KDConfig:
             value = getattr(self, key)
             if not 0 <= value < math.inf:
                 raise ConfigError(f"kd.{key}", f"must be >= 0 and finite, got {value}.")
+        self._check_internal()
         if self.stop_step is not None and self.stop_fraction is not None:
             raise ConfigError(
                 "kd.stop_fraction",
@@ -75,6 +88,32 @@ class KDConfig:
                 f"decay {self.decay!r} goes to 0 at the KD stop step, but no stop step is set.",
                 "set kd.stop_step or kd.stop_fraction, or kd.decay=none.",
             )
+
+
+    def _check_internal(self) -> None:
+        """Checks of the internal-KD and teacher-target keys."""
+        for key in ("router_weight", "hidden_weight"):
+            value = getattr(self, key)
+            if not 0 <= value < math.inf:
+                raise ConfigError(f"kd.{key}", f"must be >= 0 and finite, got {value}.", "0 turns the term off.")
+        for key, value, choices in (("hidden_loss", self.hidden_loss, HIDDEN_LOSSES),
+                                    ("teacher_targets", self.teacher_targets, TEACHER_TARGETS)):
+            if value not in choices:
+                raise ConfigError(f"kd.{key}", f"unknown value {value!r}.", f"use one of {', '.join(choices)}.")
+        if self.layer_map is not None:
+            self.layer_map = list(self.layer_map)
+            bad = [i for i in self.layer_map if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+            if bad:
+                raise ConfigError("kd.layer_map", f"entries must be integers >= 0 (teacher MoE-layer indices), "
+                                  f"got {bad}.", "null maps to the deepest teacher MoE layers.")
+        if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:
+            raise ConfigError("kd.topk", f"must be an integer >= 1, got {self.topk!r}.", "e.g. 32.")
+        if self.targets_dtype not in ("float16", "float32"):
+            raise ConfigError("kd.targets_dtype", f"unknown dtype {self.targets_dtype!r}.", "use float16 or float32.")
+        if self.teacher_targets == "offline" and (self.router_weight > 0 or self.hidden_weight > 0):
+            raise ConfigError("kd.teacher_targets", "offline targets hold the teacher's logits and routes, not its "
+                              "router logits or hidden states: router and hidden-state KD need the teacher online.",
+                              "use kd.teacher_targets=online, or kd.router_weight=0 kd.hidden_weight=0.")
 
 
 class KDSchedule:

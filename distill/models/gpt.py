@@ -26,6 +26,8 @@ class ModelOutput(NamedTuple):
     aux_loss: torch.Tensor  # scalar: sum of the MoE layers' load-balancing losses (0 without MoE)
     z_loss: torch.Tensor  # scalar: sum of the MoE layers' router z-losses
     moe_stats: list[MoEStats]  # one per MoE layer, in depth order
+    # the residual stream after each block, [B, L, d] each, in depth order; only with `return_hidden`
+    hidden_states: list[torch.Tensor] | None = None
 
 
 class GPT(nn.Module):
@@ -112,9 +114,20 @@ class GPT(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        return_router_logits: bool = False,
+        return_hidden: bool = False,
+    ) -> ModelOutput:
         """Logits for token ids `idx` [B, L]. With a `cache`, `idx` continues the cached positions and the
-        cache is advanced by L."""
+        cache is advanced by L.
+
+        For distillation: `return_router_logits` fills each MoE layer's `MoEStats.router_logits` ([B*L, E]
+        fp32, before any noise), `return_hidden` fills `ModelOutput.hidden_states`. Both off by default:
+        nothing extra is computed or kept."""
         B, L = idx.shape
         start = cache.pos if cache is not None else 0
         if start + L > self.cfg.max_seq_len:
@@ -125,17 +138,23 @@ class GPT(nn.Module):
         positions = torch.arange(start, start + L, device=idx.device)
         cos, sin = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
         stats: list[MoEStats] = []
+        hidden: list[torch.Tensor] | None = [] if return_hidden else None
         for block in self.blocks:
-            x, s = block(x, cos, sin, cache)
+            if return_router_logits:
+                x, s = block(x, cos, sin, cache, return_router_logits=True)
+            else:
+                x, s = block(x, cos, sin, cache)
             if s is not None:
                 stats.append(s)
+            if hidden is not None:
+                hidden.append(x)
         logits = self.lm_head(self.ln_f(x))
         if cache is not None:
             cache.pos += L
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else zero
         z = torch.stack([s.z_loss for s in stats]).sum() if stats else zero
-        return ModelOutput(logits=logits, aux_loss=aux, z_loss=z, moe_stats=stats)
+        return ModelOutput(logits=logits, aux_loss=aux, z_loss=z, moe_stats=stats, hidden_states=hidden)
 
     # -- generation ----------------------------------------------------------------------------------
 

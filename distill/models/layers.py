@@ -182,12 +182,21 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        return_router_logits: bool = False,
     ) -> tuple[torch.Tensor, MoEStats | None]:
+        """(the residual stream after the block, the MoE layer's stats or None); `return_router_logits` asks
+        an MoE layer for its router logits (`MoEStats.router_logits`)."""
         x = x + self.drop(self.attn(self.ln_1(x), cos, sin, cache))
         stats = None
         if self.is_moe:
-            h, stats = self.ffn(self.ln_2(x))
+            h, stats = (self.ffn(self.ln_2(x), return_router_logits=True) if return_router_logits
+                        else self.ffn(self.ln_2(x)))
         else:
             h = self.ffn(self.ln_2(x))
         return x + self.drop(h), stats

@@ -148,3 +148,6 @@ class MoEStats(NamedTuple):
     z_loss: torch.Tensor  # scalar, differentiable
     tokens_per_expert: torch.Tensor  # [E] long, routed (token, choice) pairs kept per expert
     drop_fraction: torch.Tensor  # scalar, fraction of (token, choice) pairs dropped
+    # [T, E] fp32 router logits before any noise, T the flattened input tokens ([B*L] for a [B, L] batch);
+    # only when the forward is asked for them (`return_router_logits`), else None: no extra work or memory
+    router_logits: torch.Tensor | None = None

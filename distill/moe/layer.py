@@ -149,11 +149,13 @@ class MoELayer(nn.Module):
             return torch.rand(routing.gates.numel(), device=routing.gates.device)
         return None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, return_router_logits: bool = False) -> tuple[torch.Tensor, MoEStats]:
+        """x [..., d] -> (y [..., d], MoEStats); with `return_router_logits` the stats hold the router's
+        clean fp32 logits [T, E] (T: x's leading dimensions flattened)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         num_pairs = x.shape[0] * self.top_k
-        routing = self.router(x)
+        routing = self.router(x, return_logits=True) if return_router_logits else self.router(x)
         capacity = self.capacity(x.shape[0])
         priority = self.drop_priority(routing) if capacity is not None else None
         order, inverse, counts = sort_by_expert(routing.expert_idx, routing.choice_counts, priority, capacity)
@@ -179,6 +181,7 @@ class MoELayer(nn.Module):
             z_loss=routing.z_loss,
             tokens_per_expert=counts,
             drop_fraction=1.0 - counts.sum().float() / num_pairs,
+            router_logits=routing.logits,
         )
         return y.reshape(shape), stats
 

@@ -20,6 +20,7 @@ class Routing(NamedTuple):
     choice_counts: torch.Tensor  # [E] long, (token, choice) pairs per expert before capacity
     aux_loss: torch.Tensor  # scalar, E * sum_e f_e * P_e (1.0 at perfect balance)
     z_loss: torch.Tensor  # scalar, mean(logsumexp(logits)^2)
+    logits: torch.Tensor | None = None  # [T, E] fp32 logits before any noise, only when asked (`return_logits`)
 
 
 class Router(nn.Module):
@@ -52,13 +53,19 @@ class Router(nn.Module):
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """x [T, d] -> Routing."""
+    def forward(self, x: torch.Tensor, return_logits: bool = False) -> Routing:
+        """x [T, d] -> Routing; with `return_logits` it also holds the logits of the clean input (computed
+        again without the jitter when the jitter is on)."""
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
+            clean = None
             if self.training and self.jitter_eps > 0:
+                if return_logits:
+                    clean = F.linear(x, self.weight.float())
                 x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
             logits = F.linear(x, self.weight.float())
+            if return_logits and clean is None:
+                clean = logits
             probs = self.scores(logits)
             choice = probs
             if self.training and self.gumbel_noise:  # -log(Exp(1)) is a standard Gumbel sample
@@ -81,4 +88,4 @@ class Router(nn.Module):
             p = probs if self.score_func == "softmax" else probs / probs.sum(dim=-1, keepdim=True)
             aux = self.num_experts * (frac * p.mean(dim=0)).sum()
             z = torch.logsumexp(logits, dim=-1).square().mean()
-        return Routing(expert_idx, gates, counts, aux, z)
+        return Routing(expert_idx, gates, counts, aux, z, clean)

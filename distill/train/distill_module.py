@@ -1,6 +1,7 @@
 """`DistillModule`: staged knowledge distillation of a Mixture-of-Students.
 
-``ce_weight * CE + w(step) * KD + aux`` while KD is on, ``CE + aux`` after the stop step. The schedule
+``ce_weight * CE + w(step) * (KD + router_weight * router_KD + hidden_weight * hidden_KD) + aux`` while KD is
+on, ``CE + aux`` after the stop step (the internal terms, distill/kd/internal.py, only when their weight is > 0). The schedule
 (`distill.kd.KDSchedule`, built once by distill/resolve.py) is the one representation of when KD runs:
 a schedule whose stop step is 0 never runs it, and then no teacher is given at all.
 """
@@ -8,7 +9,6 @@ a schedule whose stop step is 0 never runs it, and then no teacher is given at a
 from __future__ import annotations
 
 import dataclasses
-import gc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,51 +18,13 @@ from torchmetrics.aggregation import MeanMetric
 from distill.config import OptimConfig
 from distill.errors import ConfigError
 from distill.kd import KDConfig, KDSchedule, kd_loss_from_config, kl_to_teacher, top1_agreement
+from distill.kd.internal import hidden_kd_loss, resolve_internal_maps, router_kd_loss
+from distill.kd.targets import sparse_kd_from_config, targets_from_batch
 from distill.losses import lm_loss
 from distill.models import ModelConfig
 from distill.train.lm_module import LMModule, loss_mask, split_batch
-
-
-class _TeacherSlot:
-    """Holds the teacher outside the module tree: never in ``state_dict``, ``parameters()`` or the optimizer."""
-
-    def __init__(self) -> None:
-        self.model: torch.nn.Module | None = None
-
-
-class LazyTeacher:
-    """The frozen teacher of a KD module: built by ``self.teacher_loader`` at the first step that needs it,
-    kept in ``self._slot`` (outside ``state_dict``, ``parameters()`` and the optimizer), released at the stop
-    step and never run again. The module sets ``_slot``, ``teacher_loader`` and ``teacher_released``."""
-
-    _slot: _TeacherSlot
-    teacher_loader: Callable[[], torch.nn.Module] | None
-    teacher_released: bool
-
-    @property
-    def teacher(self) -> torch.nn.Module | None:
-        return self._slot.model
-
-    def ensure_teacher(self) -> torch.nn.Module:
-        if self._slot.model is None:
-            if self.teacher_released:
-                raise RuntimeError("the teacher was released at the KD stop step and must not run again")
-            if self.teacher_loader is None:
-                raise RuntimeError("KD needs the teacher, but this module was built without a teacher_loader")
-            # building the model draws from the RNG: keep the training stream as it would be without it
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                model = self.teacher_loader()
-            model.eval().requires_grad_(False)
-            self._slot.model = model.to(self.device)
-        return self._slot.model
-
-    def release_teacher(self) -> None:
-        if self._slot.model is not None:
-            self._slot.model = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        self.teacher_released = True
+from distill.train.optim import build_optimizer
+from distill.train.teacher import LazyTeacher, _TeacherSlot
 
 
 class DistillModule(LazyTeacher, LMModule):
@@ -74,6 +36,14 @@ class DistillModule(LazyTeacher, LMModule):
     ``{path, sha256}`` the checkpoints record. `load_from_checkpoint` passes the checkpoint's plain
     hyper-parameters (``schedule`` as ``{kd, max_steps}``) and no loader: such a module evaluates and exports,
     and says so if it is asked to run the teacher.
+
+    Internal KD (``kd.router_weight`` / ``kd.hidden_weight`` > 0) needs the teacher's architecture
+    (``teacher_cfg``; by default that of ``teacher_loader.source``): the layer maps are checked against it
+    and, when the widths differ, ``hidden_proj`` (student -> teacher width, trained with the student, in the
+    checkpoint but not in ``model``, so not exported) is built. ``expert_maps`` ({student MoE-layer index:
+    the teacher expert each student expert started from}; None or a missing layer: the first N) and
+    ``teacher_layers`` (student block -> teacher block for hidden KD; None: `default_block_map`) are set by
+    whoever initialises the student and saved in the checkpoints.
     """
 
     def __init__(
@@ -83,12 +53,16 @@ class DistillModule(LazyTeacher, LMModule):
         schedule: KDSchedule,
         teacher_loader: Callable[[], torch.nn.Module] | None = None,
         teacher: dict[str, str] | None = None,
+        teacher_cfg: ModelConfig | Mapping | None = None,
     ):
         if isinstance(schedule, Mapping):  # from a checkpoint's hyper-parameters
             schedule = KDSchedule(KDConfig(**schedule["kd"]), schedule["max_steps"])
+        teacher_cfg = _teacher_architecture(schedule, teacher_loader, teacher_cfg)
+        extra = {"teacher_cfg": dataclasses.asdict(teacher_cfg)} if teacher_cfg is not None else {}
         super().__init__(model_cfg, optim, schedule.max_steps, teacher=teacher,
-                         schedule={"kd": dataclasses.asdict(schedule.cfg), "max_steps": schedule.max_steps})
+                         schedule={"kd": dataclasses.asdict(schedule.cfg), "max_steps": schedule.max_steps}, **extra)
         self.schedule = schedule
+        self.offline = schedule.cfg.teacher_targets == "offline"  # train batches carry the teacher's top-k
         self.teacher_loader = teacher_loader if schedule.uses_teacher else None
         self.teacher_info = teacher
         self._slot = _TeacherSlot()
@@ -96,18 +70,90 @@ class DistillModule(LazyTeacher, LMModule):
         self.teacher_released = False
         self.val_kl = MeanMetric()
         self.val_agree = MeanMetric()
+        self.teacher_cfg = teacher_cfg
+        self.expert_maps: dict[int, list[int]] | None = None  # see the class docstring
+        self.teacher_layers: list[int] | None = None
+        self._maps: tuple[str, list[int], list[torch.Tensor | None], list[int]] | None = None
+        self.hidden_proj: torch.nn.Linear | None = None
+        k = schedule.cfg
+        if teacher_cfg is not None:
+            resolve_internal_maps(k, teacher_cfg, self.model_cfg)  # kd.layer_map against the teacher
+            if k.hidden_weight > 0 and teacher_cfg.d_model != self.model_cfg.d_model:
+                self.hidden_proj = torch.nn.Linear(self.model_cfg.d_model, teacher_cfg.d_model, bias=False)
 
     # ----------------------------------------------------------------------------- the teacher
     def kd_active(self, step: int | None = None) -> bool:
         return self.schedule.active(self.global_step if step is None else step)
 
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.teacher_outputs(inputs).logits
+
+    def teacher_outputs(self, inputs: torch.Tensor, router: bool = False, hidden: bool = False) -> Any:
+        """The teacher's ModelOutput (logits trimmed to the student's vocabulary); router logits and hidden
+        states only when asked, copied out of inference mode so that losses can save them for the backward."""
         teacher = self.ensure_teacher()
         self.teacher_calls += 1
+        flags = {k: True for k, on in (("return_router_logits", router), ("return_hidden", hidden)) if on}
         with torch.inference_mode():  # a teacher on a mesh steps out of it for its own all-gathers
-            logits = teacher(inputs).logits
-        vocab = self.model_cfg.vocab_size
-        return logits[..., :vocab] if logits.shape[-1] > vocab else logits  # padding-only entries trimmed
+            out = teacher(inputs, **flags)
+        out = out._replace(logits=out.logits[..., :self.model_cfg.vocab_size])  # padding-only entries trimmed
+        if router:
+            out = out._replace(moe_stats=[s._replace(router_logits=s.router_logits.clone()) for s in out.moe_stats])
+        return out._replace(hidden_states=[h.clone() for h in out.hidden_states]) if hidden else out
+
+    # ----------------------------------------------------------------------------- internal KD
+    def _resolved_maps(self) -> tuple[list[int], list[torch.Tensor | None], list[int]]:
+        """`resolve_internal_maps` for the teacher architecture (``teacher_cfg``, else the loaded teacher's),
+        the expert maps as tensors here; computed again when `expert_maps` or `teacher_layers` change."""
+        key = repr((self.expert_maps, self.teacher_layers))
+        if self._maps is None or self._maps[0] != key:
+            k, tcfg = self.schedule.cfg, self.teacher_cfg if self.teacher_cfg is not None else self.teacher.cfg
+            if k.hidden_weight > 0 and tcfg.d_model != self.model_cfg.d_model and self.hidden_proj is None:
+                raise ConfigError("kd.hidden_weight", f"the teacher's width {tcfg.d_model} differs from the "
+                                  f"student's {self.model_cfg.d_model}, and the module was built without the "
+                                  "teacher's architecture, so it has no projection.",
+                                  "build DistillModule with teacher_cfg (or a loader with a teacher source).")
+            m = resolve_internal_maps(k, tcfg, self.model_cfg, self.expert_maps, self.teacher_layers)
+            maps = [None if e is None else torch.tensor(e, device=self.device) for e in m.expert_maps]
+            self._maps = (key, m.layer_map, maps, m.block_map)
+        return self._maps[1:]
+
+    def internal_terms(self, out: Any, t_out: Any, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``router_kd`` (mean over the mapped MoE layers) and ``hidden_kd`` (mean over the student's
+        blocks), each only when its weight is > 0; `out` and `t_out` are the student's and teacher's outputs."""
+        k = self.schedule.cfg
+        if k.router_weight <= 0 and k.hidden_weight <= 0:
+            return {}
+        layer_map, maps, blocks = self._resolved_maps()
+        terms = {}
+        if k.router_weight > 0:
+            t_stats = t_out.moe_stats
+            losses = [router_kd_loss(s.router_logits, t_stats[ti].router_logits, mask, m)
+                      for s, ti, m in zip(out.moe_stats, layer_map, maps)]
+            terms["router_kd"] = torch.stack(losses).mean() if losses else out.aux_loss.new_zeros(())
+        if k.hidden_weight > 0:
+            losses = [hidden_kd_loss(h, t_out.hidden_states[ti], mask, k.hidden_loss, self.hidden_proj)
+                      for h, ti in zip(out.hidden_states, blocks)]
+            terms["hidden_kd"] = torch.stack(losses).mean()
+        return terms
+
+    def lm_terms(self, batch: dict[str, torch.Tensor], **flags: bool) -> tuple[dict[str, torch.Tensor], Any]:
+        """`LMModule.lm_terms`; `flags` (``return_router_logits``, ``return_hidden``) go to the model."""
+        if not any(flags.values()):
+            return super().lm_terms(batch)
+        inputs, targets = split_batch(batch)
+        out = self.model(inputs, **{name: True for name, on in flags.items() if on})
+        ce = lm_loss(out.logits, targets, loss_mask(batch))
+        loss = ce + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
+        return {"loss": loss, "ce": ce, "aux": out.aux_loss, "z": out.z_loss}, out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The student's optimizer; with a hidden-state projection, that is trained too."""
+        if self.hidden_proj is None:
+            return super().configure_optimizers()
+        trained = torch.nn.ModuleList([self.model, self.hidden_proj])
+        opt, sched = build_optimizer(trained, self.optim, self.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -115,21 +161,31 @@ class DistillModule(LazyTeacher, LMModule):
         active = self.kd_active(step)
         if not active and self.teacher_loader is not None and not self.teacher_released:
             self.release_teacher()
-        terms, out = self.lm_terms(batch)
+        k = self.schedule.cfg
+        router, hidden = active and k.router_weight > 0, active and k.hidden_weight > 0
+        terms, out = self.lm_terms(batch, return_router_logits=router, return_hidden=hidden)
         if active:
             inputs, targets = split_batch(batch)
-            t_logits = self.teacher_logits(inputs)
-            k = self.schedule.cfg
-            kd = kd_loss_from_config(out.logits, t_logits, loss_mask(batch), k)
+            if self.offline:  # the teacher's stored top-k (distill/kd/targets.py); it never runs
+                t_out, kd = None, sparse_kd_from_config(out.logits, targets_from_batch(batch), loss_mask(batch), k)
+            else:
+                t_out = self.teacher_outputs(inputs, router=router, hidden=hidden)
+                kd = kd_loss_from_config(out.logits, t_out.logits, loss_mask(batch), k)
             weight = self.schedule.weight(step)
-            terms["loss"] = (k.ce_weight * terms["ce"] + weight * kd + self.optim.aux_coef * terms["aux"]
-                             + self.optim.z_coef * terms["z"])
             terms["kd"] = kd
-            if self.is_logging_step():  # a full log-softmax over the vocabulary: only when it is logged
-                self.log("teacher/ce", lm_loss(t_logits, targets, loss_mask(batch)))
+            internal = self.internal_terms(out, t_out, loss_mask(batch)) if t_out is not None else {}
+            terms.update(internal)
+            kd_total = kd + sum(getattr(k, n.replace("_kd", "_weight")) * v for n, v in internal.items())
+            terms["loss"] = (k.ce_weight * terms["ce"] + weight * kd_total + self.optim.aux_coef * terms["aux"]
+                             + self.optim.z_coef * terms["z"])
+            if self.is_logging_step() and t_out is not None:  # a full log-softmax: only when it is logged
+                self.log("teacher/ce", lm_loss(t_out.logits, targets, loss_mask(batch)))
         else:
             # Lightning re-logs a key's last value on steps that do not log it: make "off" explicit
             terms["kd"], weight = terms["ce"].new_zeros(()), 0.0
+            for name in ("router_kd", "hidden_kd"):
+                if getattr(k, name.replace("_kd", "_weight")) > 0:
+                    terms[name] = terms["ce"].new_zeros(())
             self.log("teacher/ce", float("nan"))
         self.log("kd/weight", weight)
         self.log("kd/active", float(active))
@@ -144,7 +200,7 @@ class DistillModule(LazyTeacher, LMModule):
         inputs, targets = split_batch(batch)
         out = self.model(inputs)
         self.val_loss.update(lm_loss(out.logits, targets), weight=targets.numel())
-        if self.kd_active() and not self.teacher_released:
+        if self.kd_active() and not self.teacher_released and not self.offline:
             t_logits = self.teacher_logits(inputs)
             mask = loss_mask(batch)
             kl = kl_to_teacher(out.logits, t_logits, mask, chunk_size=self.schedule.cfg.chunk_size)
@@ -162,10 +218,16 @@ class DistillModule(LazyTeacher, LMModule):
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["distill"] = {"teacher": self.teacher_info, "kd_stop_step": self.schedule.stop_step}
+        checkpoint["distill"] = {"teacher": self.teacher_info, "kd_stop_step": self.schedule.stop_step,
+                                 "expert_maps": self.expert_maps, "teacher_layers": self.teacher_layers}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stop = (checkpoint.get("distill") or {}).get("kd_stop_step", self.schedule.stop_step)
+        saved = checkpoint.get("distill") or {}
+        if saved.get("expert_maps") is not None:
+            self.expert_maps = {int(i): list(v) for i, v in saved["expert_maps"].items()}
+        if saved.get("teacher_layers") is not None:
+            self.teacher_layers = list(saved["teacher_layers"])
+        stop = saved.get("kd_stop_step", self.schedule.stop_step)
         if stop != self.schedule.stop_step:
             from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -182,3 +244,18 @@ class DistillModule(LazyTeacher, LMModule):
                 "resume with the original teacher, or start a new run directory.",
             )
 
+
+
+def _teacher_architecture(schedule: KDSchedule, loader: Any, given: ModelConfig | Mapping | None) -> ModelConfig | None:
+    """The teacher's ModelConfig for internal KD: `given` (a checkpoint's hyper-parameters give a mapping), else,
+    when internal KD runs, that of the loader's teacher source (``loader.source.architecture()``), else None."""
+    if isinstance(given, Mapping):
+        return ModelConfig.from_dict(given)
+    if given is not None:
+        return given
+    k = schedule.cfg
+    if schedule.uses_teacher and (k.router_weight > 0 or k.hidden_weight > 0):
+        architecture = getattr(getattr(loader, "source", None), "architecture", None)
+        if callable(architecture):
+            return architecture()
+    return None

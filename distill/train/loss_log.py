@@ -1,6 +1,8 @@
 """`losses.jsonl` (rank 0): one line per training batch, ``{"step", "batch", "loss", "ce", "kd", "aux", "z"}``
-(``step`` is the 0-based optimizer step the batch belongs to). A resumed run first drops the lines of the
-steps it is about to run again, so the file always holds one history.
+and, when the run has them, the internal KD terms ``"router_kd"``, ``"hidden_kd"`` (a row holds the terms
+its step logged; readers must not assume the optional ones). ``step`` is the 0-based optimizer step the
+batch belongs to. A resumed run first drops the lines of the steps it is about to run again, so the file
+always holds one history.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, TextIO
 import lightning as L
 
 LOSSES = "losses.jsonl"
-LOSS_TERMS = ("loss", "ce", "kd", "aux", "z")
+LOSS_TERMS = ("loss", "ce", "kd", "aux", "z", "router_kd", "hidden_kd")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -27,8 +27,8 @@ from distill.kd import KDConfig, KDSchedule, kd_loss_from_config
 from distill.models.fused import FUSED_LAYOUT
 from distill.models.vl_config import VLMoEConfig
 from distill.models.vlmoe import VLMoE
-from distill.train.distill_module import LazyTeacher, _TeacherSlot
 from distill.train.optim import build_optimizer
+from distill.train.teacher import LazyTeacher, _TeacherSlot
 from distill.vl.masking import IGNORE_INDEX, MaskingConfig, mask_images, mask_text
 
 OBJECTIVES = {"text": "mlm", "image": "mim", "pair": "vl"}  # batch kind -> the name its loss is logged under
