@@ -104,7 +104,13 @@ def distill_stage(spec: RunSpec) -> Stage:
             experts = teacher.architecture().num_experts
             shape = replace(shape, num_experts=list(experts[len(experts) - len(shape.num_experts):]))
         source_model = teacher.student_init_model(shape)
-        init_student_from_teacher(module.model, source_model, s, calibration_batches(dm, s.calibration_batches))
+        kept: dict[int, list[int]] = {}
+        mapping = init_student_from_teacher(module.model, source_model, s,
+                                            calibration_batches(dm, s.calibration_batches), kept)
+        if isinstance(module, DistillModule):  # router / hidden-state KD pair what the student started from
+            moe_blocks = [i for i in range(module.model_cfg.n_layers) if module.model_cfg.is_moe_block(i)]
+            module.expert_maps = {moe_blocks.index(si): experts for si, experts in kept.items()} or None
+            module.teacher_layers = mapping
         del source_model
         gc.collect()
 

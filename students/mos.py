@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from distill.errors import ConfigError
+from distill.kd.internal import default_block_map
 from distill.models import ModelConfig
 from students.config import StudentConfig
 
@@ -63,24 +64,20 @@ def derive_student(teacher: ModelConfig, s: StudentConfig, vocab_size: int | Non
     ).validate()
 
 
-def default_teacher_layers(teacher: ModelConfig, student: ModelConfig) -> list[int]:
-    """For each student block, the teacher block it copies: the same kind (dense / MoE), deepest kept."""
-    mapping = []
-    for moe in (False, True):
-        t = [i for i in range(teacher.n_layers) if teacher.is_moe_block(i) == moe]
-        s = [i for i in range(student.n_layers) if student.is_moe_block(i) == moe]
-        mapping += list(zip(s, t[len(t) - len(s):]))
-    return [ti for _, ti in sorted(mapping)]
+# For each student block, the teacher block it copies: the same kind (dense / MoE), the deepest kept. The
+# same mapping pairs the blocks of hidden-state KD, so it lives with the KD terms.
+default_teacher_layers = default_block_map
 
 
 @torch.no_grad()
 def init_student_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, s: StudentConfig,
-                              calibration: Iterable[torch.Tensor] | None = None) -> list[int]:
+                              calibration: Iterable[torch.Tensor] | None = None,
+                              kept_out: dict[int, list[int]] | None = None) -> list[int]:
     """Copy embeddings, final norm and the chosen teacher blocks into ``student``; returns the mapping.
 
     A student MoE block with fewer experts than its teacher block starts from the experts
     ``s.expert_selection`` picks (students/experts.py), scored on ``calibration`` (input-id batches of
-    training data) for "importance" and "merge"."""
+    training data) for "importance" and "merge"; ``kept_out`` receives {student block: kept teacher experts}."""
     scfg, tcfg = student.cfg, teacher.cfg
     mapping = list(s.teacher_layers) if s.teacher_layers is not None else default_teacher_layers(tcfg, scfg)
     if len(mapping) != scfg.n_layers:
@@ -105,6 +102,8 @@ def init_student_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module
                 raise ValueError(f"expert_selection={s.expert_selection!r} needs calibration batches")
             stats = expert_importance(teacher, calibration, max_batches=s.calibration_batches)
         kept = init_student_experts(student, teacher, mapping, s.expert_selection, stats)
+        if kept_out is not None:
+            kept_out.update(kept)
         for si, experts in kept.items():
             logger.info("student block %d: teacher block %d's experts %s (%s)", si, mapping[si], experts,
                         s.expert_selection)
