@@ -290,3 +290,20 @@ def test_explicit_layer_map(teacher):
     assert float(internal(module, batch_inputs())["router_kd"]) >= 0.0
     layer_map, maps, blocks = module._resolved_maps()
     assert layer_map == [0] and maps == [None] and blocks == [2, 3]
+
+
+@pytest.mark.parametrize("terms, router, hidden", [("logit", 0.0, 0.0), ("router", 1.0, 0.0), ("hidden", 1.0, 1.0)])
+def test_kd_terms_sweep_composes(terms: str, router: float, hidden: float) -> None:
+    """conf/sweep/kd_terms.yaml: each `+kd_terms` option gives a valid kd node and a student from the teacher."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from distill.config import register_configs
+    from distill.hydra_errors import CONF_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("distill", overrides=["+sweep=kd_terms", f"+kd_terms={terms}", "student.expert_selection=merge"])
+    kd = OmegaConf.to_object(cfg.kd)
+    assert (kd.router_weight, kd.hidden_weight, kd.stop_fraction) == (router, hidden, 0.7)
+    assert (cfg.student.init, cfg.student.expert_selection) == ("teacher", "merge")
