@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -96,7 +97,10 @@ class DistillModule(LazyTeacher, LMModule):
         flags = {k: True for k, on in (("return_router_logits", router), ("return_hidden", hidden)) if on}
         with torch.inference_mode():  # a teacher on a mesh steps out of it for its own all-gathers
             out = teacher(inputs, **flags)
-        out = out._replace(logits=out.logits[..., :self.model_cfg.vocab_size])  # padding-only entries trimmed
+        logits = out.logits[..., :self.model_cfg.vocab_size]  # padding-only entries trimmed
+        if not flags:  # any teacher (a Hugging Face one returns its own output class): the logits are enough
+            return SimpleNamespace(logits=logits)
+        out = out._replace(logits=logits)
         if router:
             out = out._replace(moe_stats=[s._replace(router_logits=s.router_logits.clone()) for s in out.moe_stats])
         return out._replace(hidden_states=[h.clone() for h in out.hidden_states]) if hidden else out
