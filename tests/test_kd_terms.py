@@ -303,7 +303,9 @@ def test_kd_terms_sweep_composes(terms: str, router: float, hidden: float) -> No
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("distill", overrides=["+sweep=kd_terms", f"+kd_terms={terms}", "student.expert_selection=merge"])
+        cfg = compose("distill", overrides=["+sweep=kd_terms", f"+kd_terms={terms}", "student.expert_selection=merge",
+                                            "seed=2"])
     kd = OmegaConf.to_object(cfg.kd)
     assert (kd.router_weight, kd.hidden_weight, kd.stop_fraction) == (router, hidden, 0.7)
     assert (cfg.student.init, cfg.student.expert_selection) == ("teacher", "merge")
+    assert cfg.data.seed == 2  # the seed reaches the data order (the student's init is the teacher's, not random)
