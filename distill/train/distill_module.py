@@ -141,16 +141,6 @@ class DistillModule(LazyTeacher, LMModule):
             terms["hidden_kd"] = torch.stack(losses).mean()
         return terms
 
-    def lm_terms(self, batch: dict[str, torch.Tensor], **flags: bool) -> tuple[dict[str, torch.Tensor], Any]:
-        """`LMModule.lm_terms`; `flags` (``return_router_logits``, ``return_hidden``) go to the model."""
-        if not any(flags.values()):
-            return super().lm_terms(batch)
-        inputs, targets = split_batch(batch)
-        out = self.model(inputs, **{name: True for name, on in flags.items() if on})
-        ce = lm_loss(out.logits, targets, loss_mask(batch))
-        loss = ce + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
-        return {"loss": loss, "ce": ce, "aux": out.aux_loss, "z": out.z_loss}, out
-
     def configure_optimizers(self) -> dict[str, Any]:
         """The student's optimizer; with a hidden-state projection, that is trained too."""
         if self.hidden_proj is None:

@@ -59,10 +59,11 @@ class LMModule(L.LightningModule):
         self.step_terms: dict[str, torch.Tensor] = {}  # the last training batch's loss terms (detached)
 
     # ----------------------------------------------------------------------------- training
-    def lm_terms(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
-        """The LM objective's terms for one batch, and the model output (the distillation module reuses it)."""
+    def lm_terms(self, batch: dict[str, torch.Tensor], **flags: bool) -> tuple[dict[str, torch.Tensor], Any]:
+        """The LM objective's terms for one batch, and the model output (the distillation module reuses it);
+        the `flags` that are on (``return_router_logits``, ``return_hidden``) go to the model."""
         inputs, targets = split_batch(batch)
-        out = self.model(inputs)
+        out = self.model(inputs, **{name: True for name, on in flags.items() if on})
         ce = lm_loss(out.logits, targets, loss_mask(batch))
         loss = ce + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
         return {"loss": loss, "ce": ce, "aux": out.aux_loss, "z": out.z_loss}, out

@@ -171,9 +171,6 @@ def run_vl_pipeline(spec: RunSpec) -> dict[str, dict[str, Any]]:
             if key in row:
                 tuning[f"{name} {key.split('_')[0]}"] = row.pop(key)
         models[name].update(row)
-        if "val_mlm" in models[name]:
-            present = [models[name][k] for k in ("val_mlm", "val_mim", "val_vl") if models[name].get(k) is not None]
-            models[name].setdefault("val_loss", sum(present) / len(present))
     if rank_zero_only.rank != 0:
         return models
     seconds = time.perf_counter() - start
