@@ -88,7 +88,8 @@ def distill_stage(spec: RunSpec) -> Stage:
         if schedule.uses_teacher and k.teacher_targets == "offline":  # computed once, shared through the cache
             with torch.random.fork_rng():  # building the teacher draws from the RNG: the student's init must not see it
                 targets, _, _ = ensure_targets(dm, teacher.as_gpt, ref["sha256"], k=k.topk, temperature=k.temperature,
-                                               batch_size=dm.cfg.batch_size, value_dtype=k.targets_dtype)
+                                               batch_size=dm.cfg.batch_size, value_dtype=k.targets_dtype,
+                                               router_topk=k.router_topk)
             dm.attach_targets(targets)
         student = replace(spec.student, vocab_size=dm.vocab_size)
         # the module drops the loader when the schedule never runs KD (KDSchedule.uses_teacher)

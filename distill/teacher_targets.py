@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> None:
     k = spec.kd.cfg
     _, path, reused = ensure_targets(dm, spec.teacher.as_gpt, spec.teacher.identity().sha256, k=k.topk,
                                      temperature=k.temperature, batch_size=dm.cfg.batch_size,
-                                     value_dtype=k.targets_dtype)
+                                     value_dtype=k.targets_dtype, router_topk=k.router_topk)
     meta = read_meta(path) or {}
     print(f"[teacher_targets] {'reused' if reused else 'computed'} {meta.get('rows')} blocks, {meta.get('tokens'):,} "
           f"tokens, k={meta.get('k')}, T={meta.get('temperature')}: {meta.get('bytes_per_token', 0):.1f} bytes/token, "

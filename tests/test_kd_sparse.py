@@ -242,3 +242,54 @@ def test_bad_arguments_raise():
         sparse_kd_loss(student, good, loss="jsd", beta=1.0)
     with pytest.raises(ValueError):
         teacher_topk(teacher, 3, temperature=0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the cross-entropy fused with the sparse KD loss (one pass over the vocabulary)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind,beta", CASES)
+def test_fused_ce_and_kd_equal_the_separate_losses(kind, beta, temperature):
+    """Values and the gradient of any weighted sum equal lm_loss + the naive bucket reference (float64),
+    with a mask, an ignored target, a target inside and outside the top-k and a chunk that does not
+    divide the token count."""
+    from distill.kd.sparse import lm_sparse_kd_loss
+    from distill.losses import lm_loss
+
+    student, teacher, mask = _logits(60), _logits(61), _mask()
+    lm_targets = torch.randint(0, 13, (2, 7), generator=torch.Generator().manual_seed(0))
+    lm_targets[1, 3] = -100
+    targets = teacher_topk(teacher, 4, temperature)
+    lm_targets[0, 2] = targets.ids[0, 2, 0]  # a target inside the top-k
+    kw = dict(loss=kind, temperature=temperature, beta=beta)
+    x = student.clone().requires_grad_(True)
+    ce, kd = lm_sparse_kd_loss(x, lm_targets, targets, mask, chunk_size=4, **kw)
+    (0.3 * ce + 1.7 * kd).backward()
+    y = student.clone().requires_grad_(True)
+    valid = mask & (lm_targets != -100)  # the CE in float64 (lm_loss computes in fp32)
+    ce_ref = -torch.log_softmax(y, -1)[valid].gather(-1, lm_targets[valid][:, None]).mean()
+    kd_ref = naive(y, teacher, mask, 4, kind, temperature, beta)
+    (0.3 * ce_ref + 1.7 * kd_ref).backward()
+    assert abs(ce.item() - ce_ref.item()) < 1e-10 and abs(kd.item() - kd_ref.item()) < 1e-10
+    assert abs(ce.item() - lm_loss(student, lm_targets, mask).item()) < 1e-5
+    assert torch.allclose(x.grad, y.grad, atol=1e-10, rtol=0)
+    assert x.grad[~mask].abs().max() == 0
+
+
+def test_fused_ce_in_fp32_and_bf16_matches_lm_loss():
+    from distill.kd.sparse import lm_sparse_kd_loss
+    from distill.losses import lm_loss
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        student = _logits(62, shape=(3, 5, 50), dtype=dtype)
+        lm_targets = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
+        targets = teacher_topk(_logits(63, shape=(3, 5, 50)).float(), 8)
+        x, y = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        ce, kd = lm_sparse_kd_loss(x, lm_targets, targets)
+        ce.backward()
+        ref = lm_loss(y, lm_targets)
+        ref.backward()
+        assert ce.dtype == torch.float32 and x.grad.dtype == dtype
+        assert abs(ce.item() - ref.item()) < tol
+        assert torch.allclose(x.grad.float(), y.grad.float(), atol=tol)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,6 +157,70 @@ def test_module_router_kd_uses_expert_maps(teacher):
     assert abs(float(got) - expected) < 1e-5
 
 
+def _stored(t_logits: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from distill.kd.targets import _top_routes
+
+    return _top_routes(t_logits, r)
+
+
+def naive_routes_kd(s_logits, t_logits, r, emap, mask):
+    """Textbook KL on buckets {the stored teacher experts the map keeps, the rest}, one token at a time."""
+    total, n = 0.0, 0
+    for i in range(s_logits.shape[0]):
+        if not mask[i]:
+            continue
+        p_t, p_s = torch.softmax(t_logits[i].double(), -1), torch.softmax(s_logits[i].double(), -1)
+        top = torch.argsort(p_t, descending=True)[:r].tolist()
+        kept = {emap[e]: float(p_t[e]) for e in top if emap[e] >= 0}
+        rest_q = sum(float(p_s[j]) for j in range(len(p_s)) if j not in kept)
+        rest_p = 0.0 if len(top) == len(emap) or rest_q == 0 else 1.0 - sum(float(p_t[e]) for e in top)
+        z = sum(kept.values()) + rest_p
+        kl = sum(p / z * math.log(p / z / float(p_s[j])) for j, p in kept.items() if p > 0)
+        if rest_p > 0:
+            kl += rest_p / z * math.log(rest_p / z / rest_q)
+        total, n = total + kl, n + 1
+    return total / n
+
+
+@pytest.mark.parametrize("r", [2, 5])
+@pytest.mark.parametrize("emap", [None, [1, -1, 2, -1, 0]])
+def test_router_kd_from_stored_routes(r, emap):
+    """Offline router KD against a naive bucket reference; with every expert stored (r = E) it is the
+    online `router_kd_loss` exactly; zero for a student router that copies the teacher's."""
+    from distill.kd.internal import router_kd_from_routes
+
+    g = torch.Generator().manual_seed(3)
+    n_s = 5 if emap is None else 3
+    s_logits, t_logits = torch.randn(12, n_s, generator=g), torch.randn(12, 5, generator=g) * 2
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    ids, logp = _stored(t_logits, r)
+    got = router_kd_from_routes(s_logits, ids, logp, mask, emap)
+    ref = naive_routes_kd(s_logits, t_logits, r, emap or list(range(5)), mask)
+    assert got > 1e-3 and abs(float(got) - ref) < 1e-5
+    if r == 5:
+        assert abs(float(got) - float(router_kd_loss(s_logits, t_logits, mask, emap))) < 1e-6
+    if emap is None:
+        assert abs(float(router_kd_from_routes(t_logits, ids, logp, mask))) < 1e-6
+    x = s_logits.clone().requires_grad_(True)
+    router_kd_from_routes(x, ids, logp, mask, emap).backward()
+    assert torch.isfinite(x.grad).all() and x.grad[~mask].abs().max() == 0
+
+
+def test_router_kd_from_routes_with_padding_and_every_student_expert_covered():
+    """A layer with fewer experts than r stores -inf padding; a student whose experts are all among the
+    mapped stored ones has no rest bucket: finite, with a finite gradient."""
+    from distill.kd.internal import router_kd_from_routes
+
+    g = torch.Generator().manual_seed(4)
+    t_logits, s_logits = torch.randn(6, 3, generator=g), torch.randn(6, 2, generator=g).requires_grad_(True)
+    ids, logp = _stored(t_logits, 4)  # r = 4 > E = 3: one padded column
+    assert (logp[:, 3] == float("-inf")).all()
+    loss = router_kd_from_routes(s_logits, ids, logp, None, [0, 1, -1])
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s_logits.grad).all()
+    assert abs(float(loss.detach()) - float(router_kd_loss(s_logits.detach(), t_logits, None, [0, 1, -1]))) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------------- hidden KD
 
 
@@ -266,12 +331,19 @@ def test_rows_without_internal_terms(teacher, tmp_path):
 
 @pytest.mark.parametrize("key,value", [
     ("router_weight", -1.0), ("hidden_weight", -0.5), ("hidden_loss", "l1"), ("layer_map", [0, -1]),
-    ("teacher_targets", "cached"), ("topk", 0),
+    ("teacher_targets", "cached"), ("topk", 0), ("router_topk", 0),
 ])
 def test_bad_keys_name_the_key(key, value):
     with pytest.raises(ConfigError) as err:
         KDConfig(**{key: value})
     assert err.value.key == f"kd.{key}"
+
+
+def test_offline_targets_refuse_hidden_kd_but_take_router_kd():
+    with pytest.raises(ConfigError) as err:
+        KDConfig(teacher_targets="offline", hidden_weight=0.5)
+    assert err.value.key == "kd.teacher_targets" and "hidden" in err.value.problem
+    assert KDConfig(teacher_targets="offline", router_weight=0.5).router_weight == 0.5
 
 
 @pytest.mark.parametrize("layer_map", [[2], [0, 1]])

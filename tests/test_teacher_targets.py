@@ -58,8 +58,11 @@ def test_targets_app_computes_once_then_reuses(data: list[str], teacher: Path, t
 
 def test_offline_and_online_kd_agree_when_k_covers_the_vocabulary(data: list[str], teacher: Path,
                                                                      tmp_path: Path) -> None:
-    vocab = load_exported(teacher)[1].vocab_size
-    common = [*data, f"teacher.path={teacher}", "trainer=smoke", "trainer.max_steps=2", "kd=full", "logger=csv"]
+    cfg = load_exported(teacher)[1]
+    vocab = cfg.vocab_size
+    # router KD too, from the stored routes: every expert of every teacher MoE layer stored (r = E)
+    common = [*data, f"teacher.path={teacher}", "trainer=smoke", "trainer.max_steps=2", "kd=full", "logger=csv",
+              "kd.router_weight=0.5", f"kd.router_topk={max(cfg.num_experts)}"]
     run_app("distill", *common, f"hydra.run.dir={tmp_path / 'online'}")
     offline = run_app("distill", *common, "kd.teacher_targets=offline", f"kd.topk={vocab}",
                       "kd.targets_dtype=float32", f"hydra.run.dir={tmp_path / 'offline'}")
@@ -67,6 +70,8 @@ def test_offline_and_online_kd_agree_when_k_covers_the_vocabulary(data: list[str
     rows = {name: [json.loads(line) for line in (tmp_path / name / "losses.jsonl").read_text().splitlines()]
             for name in ("online", "offline")}
     on, off = rows["online"][0]["kd"], rows["offline"][0]["kd"]
+    assert on > 0 and abs(on - off) <= 1e-5 * on, (on, off)
+    on, off = rows["online"][0]["router_kd"], rows["offline"][0]["router_kd"]
     assert on > 0 and abs(on - off) <= 1e-5 * on, (on, off)
     assert abs(rows["online"][0]["ce"] - rows["offline"][0]["ce"]) <= 1e-6  # the same student, the same batch
 

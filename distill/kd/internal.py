@@ -3,6 +3,7 @@
 - `router_kd_loss`: KL(p_teacher_router || p_student_router) per token, p = softmax of the fp32 router
   logits, the teacher's probabilities first moved onto the student's experts through an expert map
   (teacher expert -> student expert, -1 for a dropped expert whose mass is removed; the rest renormalised).
+  `router_kd_from_routes` is the same from the teacher's stored top-r routes (offline targets).
 - `hidden_kd_loss`: MSE (mean over features) or 1 - cosine similarity between a student block output,
   optionally projected to the teacher's width, and the teacher's.
 
@@ -143,6 +144,48 @@ def router_kd_loss(
         p_t = p_t.new_zeros(p_t.shape[0], n_s + 1).index_add_(1, idx, p_t)[:, :n_s]
         p_t = p_t / p_t.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p_t.dtype).tiny)
         kl = (torch.xlogy(p_t, p_t) - p_t * s_logp).sum(dim=-1)
+    return _masked_mean(kl, mask)
+
+
+def router_kd_from_routes(
+    student_logits: torch.Tensor,
+    t_ids: torch.Tensor,
+    t_logp: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    expert_map: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`router_kd_loss` from the teacher's stored routes (offline targets): its r most probable experts
+    `t_ids` [T, r] and their log-probabilities `t_logp` [T, r] (-inf: padding), on r + 1 buckets.
+
+    The teacher's distribution is known on its stored experts; the rest of its mass (1 - their sum, 0 when
+    all its experts are stored) is one bucket, matched by the student's mass on the experts not among the
+    mapped stored ones (as the sparse logit targets' tail). Stored experts the map drops lose their mass, the
+    rest is renormalised, as online; the unknown rest is taken to belong to kept experts (exact when the
+    teacher's E experts are all stored, r = E: then this equals `router_kd_loss` up to the storage's rounding).
+    `expert_map` [E_t] as in `router_kd_loss`; None: the student has the teacher's experts (E_t = E_s).
+    """
+    s_logp = F.log_softmax(student_logits.float(), dim=-1)
+    n_s = s_logp.shape[-1]
+    p = t_logp.float().exp()
+    stored = t_logp > float("-inf")
+    if expert_map is None:
+        n_t, ids = n_s, t_ids.long()
+    else:
+        emap = torch.as_tensor(expert_map, device=p.device, dtype=torch.long)
+        n_t, ids = emap.numel(), emap[t_ids.long()]
+    kept = stored & (ids >= 0)
+    ids = torch.where(kept, ids, 0)
+    q_kept = s_logp.gather(-1, ids)
+    covered = torch.zeros_like(s_logp).scatter_add_(-1, ids, kept.to(s_logp.dtype)) > 0
+    none_left = covered.all(-1, keepdim=True)  # (its logsumexp would be -inf, with a NaN gradient)
+    log_q_rest = s_logp.masked_fill(covered & ~none_left, float("-inf")).logsumexp(-1)  # the student's mass off them
+    complete = stored.sum(-1) >= n_t  # every teacher expert stored: no unknown mass
+    rest = torch.where(complete | none_left.squeeze(-1), 0.0, (1.0 - p.sum(-1)).clamp_min(0.0))
+    p_kept = torch.where(kept, p, 0.0)
+    z = (p_kept.sum(-1) + rest).clamp_min(torch.finfo(p.dtype).tiny)
+    p_kept, rest = p_kept / z[:, None], rest / z
+    kl = (torch.xlogy(p_kept, p_kept) - torch.where(kept, p_kept * q_kept, 0.0)).sum(-1)
+    kl = kl + torch.xlogy(rest, rest) - torch.where(rest > 0, rest * log_q_rest, 0.0)
     return _masked_mean(kl, mask)
 
 

@@ -54,6 +54,7 @@ class KDConfig:
     teacher_targets: str = "online"  # "online" (the teacher runs) | "offline" (stored top-k targets)
     topk: int = 32  # offline targets: teacher log-probabilities kept per token
     targets_dtype: str = "float16"  # offline targets: the stored log-probabilities' dtype ("float32": exact)
+    router_topk: int = 4  # offline targets: router entries kept per token and MoE layer (router KD reads them)
 
     def __post_init__(self) -> None:
         _check_loss_args(self.loss, self.temperature, self.beta, self.chunk_size)
@@ -108,12 +109,15 @@ class KDConfig:
                                   f"got {bad}.", "null maps to the deepest teacher MoE layers.")
         if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:
             raise ConfigError("kd.topk", f"must be an integer >= 1, got {self.topk!r}.", "e.g. 32.")
+        if not isinstance(self.router_topk, int) or isinstance(self.router_topk, bool) or self.router_topk < 1:
+            raise ConfigError("kd.router_topk", f"must be an integer >= 1, got {self.router_topk!r}.",
+                              "e.g. 4; the teacher's expert count stores whole router distributions.")
         if self.targets_dtype not in ("float16", "float32"):
             raise ConfigError("kd.targets_dtype", f"unknown dtype {self.targets_dtype!r}.", "use float16 or float32.")
-        if self.teacher_targets == "offline" and (self.router_weight > 0 or self.hidden_weight > 0):
-            raise ConfigError("kd.teacher_targets", "offline targets hold the teacher's logits and routes, not its "
-                              "router logits or hidden states: router and hidden-state KD need the teacher online.",
-                              "use kd.teacher_targets=online, or kd.router_weight=0 kd.hidden_weight=0.")
+        if self.teacher_targets == "offline" and self.hidden_weight > 0:
+            raise ConfigError("kd.teacher_targets", "offline targets hold the teacher's top-k logits and routes, "
+                              "not its hidden states: hidden-state KD needs the teacher online.",
+                              "use kd.teacher_targets=online, or kd.hidden_weight=0.")
 
 
 class KDSchedule:

@@ -21,13 +21,15 @@ With k = V the tail is empty on both sides (p_t(tail) = q(tail) = 0, log = -inf)
 mass contributes 0 to every sum, and the k buckets are the whole vocabulary in another order: the loss
 (and its gradient) is the dense `kd_loss` exactly, up to rounding.
 
-Numerics: everything is in log space in at least fp32, chunk by chunk over the valid tokens. The tail
-log-masses are masked logsumexps, log sum_{v not in K} exp(x_v) - logsumexp(x), exact even when the tail
-is far below fp32's epsilon (1 - sum p_topk would cancel); an empty tail gives -inf with a zero (not
-NaN) gradient. The stored teacher buckets are renormalised (a no-op up to rounding for exact targets;
-it keeps quantised targets a proper distribution, so the loss stays >= 0). Each chunk is
-activation-checkpointed when the student needs a gradient, so only [chunk, V] temporaries exist at a
-time. The teacher targets are constants (no gradient).
+Numerics and cost: everything is in log space in at least fp32, chunk by chunk over the valid tokens,
+with one softmax pass over the vocabulary per chunk (`_SparseKD`): the student's tail mass is the sum of
+its softmax outside the top-k (exact even when tiny; no 1 - sum cancellation), and the gradient is
+written from that same pass (d/ds = q (r - G) outside the top-k, O(k) corrections on it), so the
+backward is one scaled copy. `lm_sparse_kd_loss` computes the next-token cross-entropy from the same
+pass (at T = 1), so offline KD costs about what the cross-entropy alone costs. An empty tail gives -inf
+with a zero (not NaN) gradient. The stored teacher buckets are renormalised (a no-op up to rounding for
+exact targets; it keeps quantised targets a proper distribution, so the loss stays >= 0). The teacher
+targets are constants (no gradient).
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from distill.kd.losses import _compute_dtype
 from distill.kd.schedule import _check_loss_args
-from distill.losses import is_dtensor
+from distill.losses import IGNORE_INDEX, is_dtensor
 
 NEG_INF = float("-inf")
 
@@ -93,37 +95,148 @@ def _kl(w: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tens
     return (w * torch.where(w > 0, log_a - log_b, 0.0)).sum(-1)
 
 
-def _chunk_loss(
-    student: torch.Tensor,
-    idx: torch.Tensor,
-    ids: torch.Tensor,
-    logp: torch.Tensor,
-    tail: torch.Tensor,
-    kind: str,
-    temperature: float,
-    beta: float,
-) -> torch.Tensor:
-    """Summed, T^2-scaled loss of the rows `idx` of the 2-D student logits against their bucket targets."""
-    dtype = _compute_dtype(student, logp)
-    s = student.index_select(0, idx).to(dtype)
-    if temperature != 1.0:
-        s = s / temperature
-    ids = ids.index_select(0, idx)
-    lse = s.logsumexp(-1, keepdim=True)
-    log_q = torch.cat([s.gather(-1, ids) - lse, (_masked_logsumexp(s, ids) - lse.squeeze(-1))[:, None]], -1)
-    log_p = torch.cat([logp.index_select(0, idx), tail.index_select(0, idx)[:, None]], -1).to(dtype)
-    log_p = log_p - log_p.logsumexp(-1, keepdim=True)
-    p = log_p.exp()
+def _bucket_grads(log_q: torch.Tensor, log_p: torch.Tensor, kind: str,
+                  beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss [c], and g = d loss / d Q_b on the k + 1 buckets with h = Q_b * g_b [c, k + 1]
+    (both 0 where Q_b = 0), for bucket log-masses log_q (student) and log_p (teacher, normalised)."""
+    p, q = log_p.exp(), log_q.exp()
+    live = q > 0
     if kind == "forward_kl":
         loss = _kl(p, log_p, log_q)
+        h = -p
+        g = torch.where(live, -(log_p - log_q).exp(), 0.0)
     else:
-        q = log_q.exp()
         if kind == "reverse_kl":
+            log_r, scale = log_p, 1.0
             loss = _kl(q, log_q, log_p)
-        else:  # jsd
-            log_m = _logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-            loss = beta * _kl(p, log_p, log_m) + (1.0 - beta) * _kl(q, log_q, log_m)
-    return loss.sum() * (temperature * temperature)
+        else:  # jsd: the terms through the mixture cancel in dL/dQ
+            log_r, scale = _logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta)), 1.0 - beta
+            loss = beta * _kl(p, log_p, log_r) + scale * _kl(q, log_q, log_r)
+        g = torch.where(live, (log_q - log_r + (1.0 if kind == "reverse_kl" else 0.0)) * scale, 0.0)
+        h = q * g
+    return loss, g, h
+
+
+class _SparseKD(torch.autograd.Function):
+    """Mean sparse KD loss (and, with `targets`, the mean cross-entropy) over the rows `rows` of 2-D logits.
+
+    One pass of softmaxes over the vocabulary per chunk, in the forward: q = softmax(s / T) gives the
+    bucket masses (the tail summed over the entries outside the top-k, exact, no 1 - sum), and is kept
+    with the top-k entries zeroed (`z`, one [N, V] tensor in the student's dtype, the size of the gradient
+    autograd would hold anyway). With per-bucket h_b = Q_b dL/dQ_b, G = sum_b h_b and r = dL/dQ_tail,
+    d loss / d (s / T) is q_v (r - G) outside the top-k and h_j - q_j G at its j-th id; the backward
+    is one scaled copy of `z` plus O(k) scatters per token. The cross-entropy (T = 1 rows of the same
+    logits, valid where the target is not -100) shares that pass when T = 1: its gradient q - onehot
+    is `z` plus the top-k masses and minus one at the target; at T != 1 it keeps its own q.
+    """
+
+    @staticmethod
+    def forward(ctx, student, rows, ids, log_p, targets, kind, temperature, beta, chunk_size):  # type: ignore[override]
+        dtype = _compute_dtype(student, log_p)
+        dev, n_rows, k = student.device, student.shape[0], ids.shape[1]
+        with_ce = targets is not None
+        need_grad = ctx.needs_input_grad[0]
+        kd_total = torch.zeros((), dtype=dtype, device=dev)
+        ce_total = torch.zeros((), dtype=dtype, device=dev)
+        z = torch.zeros_like(student) if need_grad else None
+        q1 = torch.zeros_like(student) if need_grad and with_ce and temperature != 1.0 else None
+        coef = torch.zeros(n_rows, dtype=dtype, device=dev)  # r - G per row
+        h_k = torch.zeros(n_rows, k, dtype=dtype, device=dev)  # h_j - q_j G
+        q_k = torch.zeros(n_rows, k, dtype=dtype, device=dev)  # q at T = 1 on the top-k (the CE's share)
+        ce_ok = torch.zeros(n_rows, dtype=dtype, device=dev)
+        # all rows valid (no mask): chunks are slices, read in place and softmaxed straight into z
+        contiguous = rows.numel() == n_rows
+        in_place = need_grad and contiguous and z.dtype == dtype
+        for start in range(0, rows.numel(), chunk_size):
+            idx = rows[start:start + chunk_size]
+            span = slice(start, start + idx.numel())
+            s = student[span].to(dtype) if contiguous else student.index_select(0, idx).to(dtype)
+            c_ids = ids[span] if contiguous else ids.index_select(0, idx)
+            if with_ce:
+                tgt = targets[span] if contiguous else targets.index_select(0, idx)
+                ok = tgt != IGNORE_INDEX
+                lse1 = s.logsumexp(-1)
+                ce = lse1 - s.gather(-1, tgt.clamp(min=0)[:, None]).squeeze(1)
+                ce_total += torch.where(ok, ce, 0.0).sum()
+                ce_ok.index_copy_(0, idx, ok.to(dtype))
+                if q1 is not None:
+                    q1.index_copy_(0, idx, (s - lse1[:, None]).exp_().to(q1.dtype))
+            if temperature != 1.0:
+                s = s / temperature
+            lse = lse1 if with_ce and temperature == 1.0 else s.logsumexp(-1)
+            s_k = s.gather(-1, c_ids)
+            out = z[span] if in_place else None  # softmax(s / T), into z or a fresh chunk
+            q = torch.sub(s, lse[:, None], out=out).exp_() if out is not None else (s - lse[:, None]).exp_()
+            q.scatter_(-1, c_ids, 0.0)
+            log_q = torch.cat([s_k - lse[:, None], q.sum(-1).log()[:, None]], -1)
+            p_chunk = log_p.index_select(0, idx).to(dtype)
+            p_chunk = p_chunk - p_chunk.logsumexp(-1, keepdim=True)  # quantised targets stay a distribution
+            loss, g, h = _bucket_grads(log_q, p_chunk, kind, beta)
+            kd_total += loss.sum()
+            if need_grad:
+                big_g = h.sum(-1, keepdim=True)
+                top = log_q[:, :k].exp()
+                coef.index_copy_(0, idx, (g[:, k:] - big_g).squeeze(1))
+                h_k.index_copy_(0, idx, h[:, :k] - top * big_g)
+                if with_ce and temperature == 1.0:
+                    q_k.index_copy_(0, idx, top)
+                if not in_place:
+                    z.index_copy_(0, idx, q.to(z.dtype))
+        n_kd = max(rows.numel(), 1)
+        n_ce = max(int(ce_ok.sum().item()), 1) if with_ce else 1
+        t2 = temperature * temperature
+        if need_grad:
+            ctx.save_for_backward(z, q1, coef, h_k, q_k, ce_ok, ids, targets if with_ce else None)
+        ctx.scales = (temperature / n_kd, 1.0 / n_ce)
+        return ce_total / n_ce, kd_total * t2 / n_kd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_ce, g_kd):  # type: ignore[override]
+        z, q1, coef, h_k, q_k, ce_ok, ids, targets = ctx.saved_tensors
+        kd_scale, ce_scale = ctx.scales
+        a, b = g_kd.to(coef.dtype) * kd_scale, g_ce.to(coef.dtype) * ce_scale
+        with_ce = targets is not None
+        row = a * coef + (b * ce_ok if with_ce and q1 is None else 0.0)
+        grad = z.mul_(row[:, None].to(z.dtype))  # z is not needed again (once_differentiable)
+        top = a * h_k + (b * ce_ok[:, None] * q_k if with_ce and q1 is None else 0.0)
+        grad.scatter_add_(-1, ids, top.to(grad.dtype))  # z is 0 on the top-k
+        if with_ce:
+            if q1 is not None:
+                grad.add_(q1 * (b * ce_ok)[:, None].to(q1.dtype))
+            grad.scatter_add_(-1, targets.clamp(min=0)[:, None], -(b * ce_ok)[:, None].to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _prepare(student_logits: torch.Tensor, targets: TopK, mask: torch.Tensor | None, loss: str,
+             temperature: float, beta: float, chunk_size: int) -> tuple[torch.Tensor, ...]:
+    """Checks; the 2-D student logits [N, V], the valid rows, the ids [N, k] and the bucket log-masses
+    [N, k + 1] of the teacher."""
+    _check_loss_args(loss, temperature, beta, chunk_size)
+    if is_dtensor(student_logits):
+        raise ValueError("sparse_kd_loss takes plain student logits, not a vocabulary-sharded DTensor")
+    ids, logp, tail = targets
+    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    if student_logits.dim() < 2 or ids.dim() != len(lead) + 1 or tuple(ids.shape[:-1]) != lead:
+        raise ValueError(
+            f"target ids {tuple(ids.shape)} do not match student logits {tuple(student_logits.shape)}"
+        )
+    if logp.shape != ids.shape or tuple(tail.shape) != lead:
+        raise ValueError(
+            f"logp {tuple(logp.shape)} / tail {tuple(tail.shape)} do not match ids {tuple(ids.shape)}"
+        )
+    _check_k(ids.shape[-1], vocab)
+    student = student_logits.flatten(0, -2)
+    dev = student.device
+    ids = ids.reshape(-1, ids.shape[-1]).to(device=dev, dtype=torch.long)
+    log_p = torch.cat([logp.detach().reshape(ids.shape), tail.detach().reshape(-1, 1)], -1).to(dev)
+    if mask is None:
+        rows = torch.arange(student.shape[0], device=dev)
+    else:
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != logits shape without vocab {lead}")
+        rows = mask.reshape(-1).to(device=dev, dtype=torch.bool).nonzero().squeeze(1)
+    return student, rows, ids, log_p
 
 
 def sparse_kd_loss(
@@ -143,37 +256,28 @@ def sparse_kd_loss(
     `mask` the leading dims, True (nonzero) = valid. Returns a 0-dim float tensor (0 if no token is
     valid); only `student_logits` gets a gradient.
     """
-    _check_loss_args(loss, temperature, beta, chunk_size)
-    if is_dtensor(student_logits):
-        raise ValueError("sparse_kd_loss takes plain student logits, not a vocabulary-sharded DTensor")
-    ids, logp, tail = targets
-    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
-    if student_logits.dim() < 2 or ids.dim() != len(lead) + 1 or tuple(ids.shape[:-1]) != lead:
-        raise ValueError(
-            f"target ids {tuple(ids.shape)} do not match student logits {tuple(student_logits.shape)}"
-        )
-    if logp.shape != ids.shape or tuple(tail.shape) != lead:
-        raise ValueError(
-            f"logp {tuple(logp.shape)} / tail {tuple(tail.shape)} do not match ids {tuple(ids.shape)}"
-        )
-    _check_k(ids.shape[-1], vocab)
-    student = student_logits.flatten(0, -2)
-    dev = student.device
-    ids = ids.reshape(-1, ids.shape[-1]).to(device=dev, dtype=torch.long)
-    logp, tail = logp.detach().reshape(ids.shape).to(dev), tail.detach().reshape(-1).to(dev)
-    if mask is None:
-        rows = torch.arange(student.shape[0], device=dev)
-    else:
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask shape {tuple(mask.shape)} != logits shape without vocab {lead}")
-        rows = mask.reshape(-1).to(device=dev, dtype=torch.bool).nonzero().squeeze(1)
-    dtype = _compute_dtype(student, logp)
-    total = student[:0].sum().to(dtype)  # 0, on the student's graph even when no token is valid
-    use_ckpt = torch.is_grad_enabled() and student.requires_grad
-    args = (loss, float(temperature), float(beta))
-    for idx in rows.split(chunk_size):
-        if use_ckpt:
-            total = total + checkpoint(_chunk_loss, student, idx, ids, logp, tail, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(student, idx, ids, logp, tail, *args)
-    return total / max(rows.numel(), 1)
+    student, rows, ids, log_p = _prepare(student_logits, targets, mask, loss, temperature, beta, chunk_size)
+    return _SparseKD.apply(student, rows, ids, log_p, None, loss, float(temperature), float(beta),
+                           int(chunk_size))[1]
+
+
+def lm_sparse_kd_loss(
+    student_logits: torch.Tensor,
+    lm_targets: torch.Tensor,
+    targets: TopK,
+    mask: torch.Tensor | None = None,
+    *,
+    loss: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`distill.losses.lm_loss`, `sparse_kd_loss`) of the same logits in one pass over the vocabulary:
+    the next-token cross-entropy against `lm_targets` (the leading dims; -100 = ignored) and the sparse KD
+    loss, each the mean over its valid tokens (`mask` and, for the CE, a target other than -100)."""
+    student, rows, ids, log_p = _prepare(student_logits, targets, mask, loss, temperature, beta, chunk_size)
+    if tuple(lm_targets.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(f"lm targets {tuple(lm_targets.shape)} do not match logits {tuple(student_logits.shape)}")
+    lm = lm_targets.reshape(-1).to(device=student.device, dtype=torch.long)
+    ce, kd = _SparseKD.apply(student, rows, ids, log_p, lm, loss, float(temperature), float(beta), int(chunk_size))
+    return ce, kd

@@ -19,8 +19,8 @@ from torchmetrics.aggregation import MeanMetric
 from distill.config import OptimConfig
 from distill.errors import ConfigError
 from distill.kd import KDConfig, KDSchedule, kd_loss_from_config, kl_to_teacher, top1_agreement
-from distill.kd.internal import hidden_kd_loss, resolve_internal_maps, router_kd_loss
-from distill.kd.targets import sparse_kd_from_config, targets_from_batch
+from distill.kd.internal import hidden_kd_loss, resolve_internal_maps, router_kd_from_routes, router_kd_loss
+from distill.kd.targets import lm_sparse_kd_from_config, routes_from_batch, targets_from_batch
 from distill.losses import lm_loss
 from distill.models import ModelConfig
 from distill.train.lm_module import LMModule, loss_mask, split_batch
@@ -122,15 +122,25 @@ class DistillModule(LazyTeacher, LMModule):
             self._maps = (key, m.layer_map, maps, m.block_map)
         return self._maps[1:]
 
-    def internal_terms(self, out: Any, t_out: Any, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def internal_terms(self, out: Any, t_out: Any, mask: torch.Tensor | None,
+                       routes: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``router_kd`` (mean over the mapped MoE layers) and ``hidden_kd`` (mean over the student's
-        blocks), each only when its weight is > 0; `out` and `t_out` are the student's and teacher's outputs."""
+        blocks), each only when its weight is > 0; `out` and `t_out` are the student's and teacher's outputs.
+        Offline (no `t_out`), router KD reads the teacher's stored `routes` (ids, log-probabilities
+        [B, M, L, r], distill/kd/targets.py)."""
         k = self.schedule.cfg
         if k.router_weight <= 0 and k.hidden_weight <= 0:
             return {}
         layer_map, maps, blocks = self._resolved_maps()
         terms = {}
-        if k.router_weight > 0:
+        if k.router_weight > 0 and t_out is None:
+            assert routes is not None
+            r_ids, r_logp = routes
+            r = r_ids.shape[-1]
+            losses = [router_kd_from_routes(s.router_logits, r_ids[:, ti].reshape(-1, r), r_logp[:, ti].reshape(-1, r),
+                                            mask, m) for s, ti, m in zip(out.moe_stats, layer_map, maps)]
+            terms["router_kd"] = torch.stack(losses).mean() if losses else out.aux_loss.new_zeros(())
+        elif k.router_weight > 0:
             t_stats = t_out.moe_stats
             losses = [router_kd_loss(s.router_logits, t_stats[ti].router_logits, mask, m)
                       for s, ti, m in zip(out.moe_stats, layer_map, maps)]
@@ -157,17 +167,20 @@ class DistillModule(LazyTeacher, LMModule):
             self.release_teacher()
         k = self.schedule.cfg
         router, hidden = active and k.router_weight > 0, active and k.hidden_weight > 0
-        terms, out = self.lm_terms(batch, return_router_logits=router, return_hidden=hidden)
+        offline = active and self.offline  # the teacher's stored top-k (distill/kd/targets.py); it never runs
+        logit_terms = (lambda logits, targets, mask: lm_sparse_kd_from_config(
+            logits, targets, targets_from_batch(batch), mask, k)) if offline else None
+        terms, out = self.lm_terms(batch, logit_terms, return_router_logits=router, return_hidden=hidden)
         if active:
             inputs, targets = split_batch(batch)
-            if self.offline:  # the teacher's stored top-k (distill/kd/targets.py); it never runs
-                t_out, kd = None, sparse_kd_from_config(out.logits, targets_from_batch(batch), loss_mask(batch), k)
-            else:
+            t_out = None
+            if not offline:
                 t_out = self.teacher_outputs(inputs, router=router, hidden=hidden)
-                kd = kd_loss_from_config(out.logits, t_out.logits, loss_mask(batch), k)
+                terms["kd"] = kd_loss_from_config(out.logits, t_out.logits, loss_mask(batch), k)
+            kd = terms["kd"]
             weight = self.schedule.weight(step)
-            terms["kd"] = kd
-            internal = self.internal_terms(out, t_out, loss_mask(batch)) if t_out is not None else {}
+            internal = self.internal_terms(out, t_out, loss_mask(batch), routes_from_batch(batch) if router and offline
+                                           else None)
             terms.update(internal)
             kd_total = kd + sum(getattr(k, n.replace("_kd", "_weight")) * v for n, v in internal.items())
             terms["loss"] = (k.ce_weight * terms["ce"] + weight * kd_total + self.optim.aux_coef * terms["aux"]

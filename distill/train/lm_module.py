@@ -8,7 +8,7 @@ holds only what a step computes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -59,14 +59,20 @@ class LMModule(L.LightningModule):
         self.step_terms: dict[str, torch.Tensor] = {}  # the last training batch's loss terms (detached)
 
     # ----------------------------------------------------------------------------- training
-    def lm_terms(self, batch: dict[str, torch.Tensor], **flags: bool) -> tuple[dict[str, torch.Tensor], Any]:
+    def lm_terms(self, batch: dict[str, torch.Tensor], logit_terms: Callable[..., dict[str, torch.Tensor]] | None = None,
+                 **flags: bool) -> tuple[dict[str, torch.Tensor], Any]:
         """The LM objective's terms for one batch, and the model output (the distillation module reuses it);
-        the `flags` that are on (``return_router_logits``, ``return_hidden``) go to the model."""
+        the `flags` that are on (``return_router_logits``, ``return_hidden``) go to the model.
+        `logit_terms(logits, targets, mask)` replaces the cross-entropy with terms that include it (``ce``;
+        offline KD computes both in one pass over the vocabulary); ``loss`` is CE + aux + z either way."""
         inputs, targets = split_batch(batch)
         out = self.model(inputs, **{name: True for name, on in flags.items() if on})
-        ce = lm_loss(out.logits, targets, loss_mask(batch))
-        loss = ce + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
-        return {"loss": loss, "ce": ce, "aux": out.aux_loss, "z": out.z_loss}, out
+        if logit_terms is None:
+            terms = {"ce": lm_loss(out.logits, targets, loss_mask(batch))}
+        else:
+            terms = logit_terms(out.logits, targets, loss_mask(batch))
+        loss = terms["ce"] + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
+        return {"loss": loss, **terms, "aux": out.aux_loss, "z": out.z_loss}, out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms, out = self.lm_terms(batch)
