@@ -25,11 +25,43 @@ def one_thread():
 
 
 # --------------------------------------------------------------------------- naive reference
-def ref_act(h: torch.Tensor, activation: str) -> torch.Tensor:
+def ref_act(h: torch.Tensor, activation: str, limit: float | None = None, alpha: float = 1.702) -> torch.Tensor:
     if activation == "gelu":
         return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
     gate, up = h[..., 0::2], h[..., 1::2]  # SwiGLU units interleaved: gate_0, up_0, gate_1, up_1, ...
+    if limit is not None:  # GPT-OSS: clamped, (up + 1) * gate * sigmoid(alpha * gate)
+        gate, up = torch.clamp(gate, max=limit), torch.clamp(up, -limit, limit)
+        return (up + 1) * gate * torch.sigmoid(alpha * gate)
     return gate * torch.sigmoid(gate) * up
+
+
+def ref_routing(layer: MoELayer, xd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(logits, probs, [(token, expert, gate)]) in float64, token by token."""
+    cfg, E, k = layer.cfg, layer.num_experts, layer.top_k
+    logits = xd @ layer.router.weight.double().t()
+    if cfg.router_bias:
+        logits = logits + layer.router.bias.double()
+    probs = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    choice = probs.detach().clone()
+    if cfg.aux_free_bias:
+        choice += layer.router.balance_bias.double()
+    pairs = []
+    for t in range(xd.shape[0]):
+        eligible = list(range(E))
+        if cfg.n_group:  # only the experts of the topk_group best groups
+            size = E // cfg.n_group
+            groups = [sorted((choice[t, e].item() for e in range(g * size, (g + 1) * size)), reverse=True)
+                      for g in range(cfg.n_group)]
+            score = [sum(gs[:2]) if cfg.group_score == "top2_sum" else gs[0] for gs in groups]
+            best = sorted(range(cfg.n_group), key=lambda g: -score[g])[: cfg.topk_group]
+            eligible = [e for e in eligible if e // size in best]
+        ranked = sorted(eligible, key=lambda e: -choice[t, e].item())[:k]
+        gates = [probs[t, e] for e in ranked]
+        if cfg.renormalize and (k > 1 or cfg.renormalize_top1):
+            total = sum(gates)
+            gates = [g / total for g in gates]
+        pairs += [(t, e, g * cfg.routed_scaling_factor) for e, g in zip(ranked, gates)]
+    return logits, probs, pairs
 
 
 def reference(
@@ -39,18 +71,11 @@ def reference(
     cfg, E, k = layer.cfg, layer.num_experts, layer.top_k
     T = x.shape[0]
     xd = x.double()
-    logits = xd @ layer.router.weight.double().t()
-    probs = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    logits, probs, pairs = ref_routing(layer, xd)  # (token, expert, gate)
     w_in, w_out = layer.experts.w_in.double(), layer.experts.w_out.double()
-
-    pairs = []  # (token, expert, gate)
-    for t in range(T):
-        ranked = sorted(range(E), key=lambda e: -probs[t, e].item())[:k]
-        gates = [probs[t, e] for e in ranked]
-        if cfg.renormalize and k > 1:
-            total = sum(gates)
-            gates = [g / total for g in gates]
-        pairs += [(t, e, g) for e, g in zip(ranked, gates)]
+    zero_in, zero_out = torch.zeros(E, w_in.shape[2], dtype=torch.float64), torch.zeros(E, D, dtype=torch.float64)
+    b_in = layer.experts.b_in.double() if cfg.expert_bias else zero_in
+    b_out = layer.experts.b_out.double() if cfg.expert_bias else zero_out
 
     kept = pairs
     if not cfg.dropless:
@@ -66,11 +91,13 @@ def reference(
     zero = torch.zeros(x.shape[1], dtype=torch.float64)
     rows = [zero for _ in range(T)]
     for t, e, g in kept:
-        rows[t] = rows[t] + g * (ref_act(xd[t] @ w_in[e], cfg.activation) @ w_out[e])
+        h = ref_act(xd[t] @ w_in[e] + b_in[e], cfg.activation, cfg.swiglu_limit, cfg.swiglu_alpha)
+        rows[t] = rows[t] + g * (h @ w_out[e] + b_out[e])
     y = torch.stack(rows)
 
     def dense(mlp: torch.nn.Module, v: torch.Tensor) -> torch.Tensor:
-        return ref_act(v @ mlp.w_in.weight.double().t(), cfg.activation) @ mlp.w_out.weight.double().t()
+        h = ref_act(v @ mlp.w_in.weight.double().t(), cfg.activation, cfg.swiglu_limit, cfg.swiglu_alpha)
+        return h @ mlp.w_out.weight.double().t()
 
     if cfg.residual:
         c = (xd @ layer.coef.weight.double().t() + layer.coef.bias.double()).softmax(-1)
@@ -85,7 +112,7 @@ def reference(
             rows_in = list(range(i * f, (i + 1) * f))
             if cfg.activation == "swiglu":  # unit j: gate row 2j, up row 2j + 1
                 rows_in = [2 * j + half for j in rows_in for half in (0, 1)]
-            h = ref_act(xd @ w1[rows_in].t(), cfg.activation)
+            h = ref_act(xd @ w1[rows_in].t(), cfg.activation, cfg.swiglu_limit, cfg.swiglu_alpha)
             shared = shared + h @ w2[:, i * f : (i + 1) * f].t()
         if cfg.shared_gate:
             shared = shared * torch.sigmoid(xd @ layer.shared_gate.weight.double().t())
@@ -103,11 +130,9 @@ def reference(
 def kept_counts(layer: MoELayer, x: torch.Tensor, training: bool) -> torch.Tensor:
     """Pairs kept per expert, by the reference's rules (recomputed independently)."""
     cfg, E, k, T = layer.cfg, layer.num_experts, layer.top_k, x.shape[0]
-    probs = (x.double() @ layer.router.weight.double().t()).softmax(-1)
     counts = torch.zeros(E, dtype=torch.long)
-    for t in range(T):
-        for e in probs[t].argsort(descending=True)[:k]:
-            counts[e] += 1
+    for _, e, _ in ref_routing(layer, x.detach().double())[2]:
+        counts[e] += 1
     if cfg.dropless:
         return counts
     cf = cfg.capacity_factor if training else cfg.eval_capacity_factor
@@ -120,6 +145,8 @@ def make_layer(num_experts: int = 8, seed: int = 0, router_std: float = 1.0, **c
     layer = MoELayer(D, F_HIDDEN, num_experts, MoEConfig(**cfg))
     with torch.no_grad():  # well-separated router scores: fp32 and fp64 pick the same experts
         layer.router.weight.normal_(std=router_std)
+        if layer.router.bias is not None:
+            layer.router.bias.normal_(std=router_std)
         for p in layer.experts.parameters():
             p.normal_(std=0.3)
         if layer.coef is not None:
@@ -181,11 +208,25 @@ def test_matches_reference(k: int, capacity: str) -> None:
         dict(top_k=2, score_func="sigmoid", activation="swiglu", capacity_factor=0.75, min_capacity=1),
         dict(top_k=2, renormalize=False, dropless=True),
         dict(top_k=2, use_grouped_mm=False, capacity_factor=0.75, min_capacity=1, residual=True),
+        # the family options (DeepSeek-V2/V3, GPT-OSS), also with capacity drops
+        dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5, aux_free_bias=True,
+             activation="swiglu", num_shared_experts=2, capacity_factor=0.75, min_capacity=1),
+        dict(top_k=2, n_group=4, topk_group=1, group_score="max", renormalize=False, routed_scaling_factor=1.5,
+             dropless=True),
+        dict(top_k=1, score_func="sigmoid", renormalize_top1=True, routed_scaling_factor=2.0, dropless=True),
+        dict(top_k=2, router_bias=True, expert_bias=True, activation="swiglu", swiglu_limit=1.0,
+             renormalize_top1=True, capacity_factor=0.75, min_capacity=1),
+        dict(top_k=2, expert_bias=True, activation="swiglu", swiglu_limit=1.0, use_grouped_mm=False, dropless=True,
+             residual=True),
     ],
-    ids=["residual", "shared-swiglu", "shared-gated", "residual-shared", "sigmoid", "no-renorm", "loop-path"],
+    ids=["residual", "shared-swiglu", "shared-gated", "residual-shared", "sigmoid", "no-renorm", "loop-path",
+         "deepseek-v3", "deepseek-v2-groups", "top1-renorm", "gpt-oss", "gpt-oss-loop"],
 )
 def test_matches_reference_variants(cfg: dict) -> None:
-    assert_matches_reference(make_layer(**cfg))
+    layer = make_layer(**cfg)
+    if layer.router.balance_bias is not None:  # a non-trivial score-correction bias: it changes the choice
+        layer.router.balance_bias.copy_(torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(3)))
+    assert_matches_reference(layer)
 
 
 def test_eval_uses_eval_capacity_and_is_deterministic() -> None:

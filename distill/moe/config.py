@@ -14,6 +14,7 @@ from distill.errors import ConfigError
 
 ACTIVATIONS = ("gelu", "swiglu")
 SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")  # DeepSeek-V3's group score, DeepSeek-V2's (group_limited_greedy)
 DROP_POLICIES = ("probs", "position", "random")
 
 
@@ -52,8 +53,17 @@ class MoEConfig:
     top_k: int = 1
     d_ff: int | None = None  # expert hidden size; None -> the model's d_ff
     activation: str = "gelu"  # "gelu" | "swiglu"
+    expert_bias: bool = False  # routed experts' projections have biases (GPT-OSS): experts.b_in, b_out
+    swiglu_limit: float | None = None  # GPT-OSS's clamped SwiGLU (see experts.activate); None = plain SwiGLU
+    swiglu_alpha: float = 1.702  # the clamped SwiGLU's gate * sigmoid(alpha * gate); only with swiglu_limit
     score_func: str = "softmax"  # "softmax" | "sigmoid"
     renormalize: bool = True  # renormalise the chosen k gate values to sum to 1 (k > 1)
+    renormalize_top1: bool = False  # renormalise at top_k=1 too (gate = 1, as transformers' norm_topk_prob)
+    routed_scaling_factor: float = 1.0  # gate values times this, after renormalising (DeepSeek-V2/V3)
+    n_group: int | None = None  # group-limited routing: experts in n_group equal groups (DeepSeek); None = off
+    topk_group: int | None = None  # ... only the experts of the topk_group best groups are eligible
+    group_score: str = "top2_sum"  # a group's score: "top2_sum" of its choice scores (V3) | "max" (V2)
+    router_bias: bool = False  # the router is a biased linear (GPT-OSS)
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
@@ -65,7 +75,7 @@ class MoEConfig:
     num_shared_experts: int = 0  # always-on dense experts, summed
     shared_d_ff: int | None = None  # hidden size of the shared experts' MLP; None -> num_shared_experts * d_ff
     shared_gate: bool = False  # scale the shared output per token by sigmoid(x @ w) (Qwen2-MoE)
-    aux_free_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3 style)
+    aux_free_bias: bool = False  # balancing bias router.balance_bias (= DeepSeek-V3 e_score_correction_bias)
     aux_free_bias_rate: float = 1e-3
     use_grouped_mm: bool = True  # torch.nn.functional.grouped_mm where shapes allow
 
@@ -134,11 +144,77 @@ class MoEConfig:
                 "is 0, but model.moe.shared_d_ff / shared_gate configure shared experts.",
                 "set num_shared_experts >= 1, or leave shared_d_ff null and shared_gate false.",
             )
+        self._validate_families(num_experts)
         if self.aux_free_bias_rate < 0:
             raise ConfigError(
                 "model.moe.aux_free_bias_rate", f"must be >= 0, got {self.aux_free_bias_rate!r}."
             )
         return self
+
+    def _validate_families(self, num_experts: int) -> None:
+        """The checks of the DeepSeek / GPT-OSS options (group-limited routing, scaling, clamped SwiGLU)."""
+        if not isinstance(self.routed_scaling_factor, (int, float)) or not self.routed_scaling_factor > 0:
+            raise ConfigError(
+                "model.moe.routed_scaling_factor", f"must be a number > 0, got {self.routed_scaling_factor!r}.",
+                "use 1.0 (off), or the teacher's routed_scaling_factor.",
+            )
+        if self.renormalize_top1 and not self.renormalize:
+            raise ConfigError(
+                "model.moe.renormalize_top1", "is true, but model.moe.renormalize is false.",
+                "set model.moe.renormalize=true too, or renormalize_top1=false.",
+            )
+        if self.n_group is None:
+            if self.topk_group is not None:
+                raise ConfigError(
+                    "model.moe.topk_group", "is set, but model.moe.n_group is null (no group-limited routing).",
+                    "set model.moe.n_group too, or leave topk_group null.",
+                )
+        else:
+            self._validate_groups(num_experts)
+        if self.group_score not in GROUP_SCORES:
+            raise ConfigError(
+                "model.moe.group_score", f"unknown value {self.group_score!r}.", f"use one of {list(GROUP_SCORES)}."
+            )
+        if self.swiglu_limit is not None:
+            if self.activation != "swiglu":
+                raise ConfigError(
+                    "model.moe.swiglu_limit", f"clamps SwiGLU, but model.moe.activation is {self.activation!r}.",
+                    "set model.moe.activation=swiglu, or leave swiglu_limit null.",
+                )
+            if not isinstance(self.swiglu_limit, (int, float)) or not self.swiglu_limit > 0:
+                raise ConfigError(
+                    "model.moe.swiglu_limit", f"must be a number > 0 or null, got {self.swiglu_limit!r}.",
+                    "use e.g. 7.0 (GPT-OSS).",
+                )
+        if not isinstance(self.swiglu_alpha, (int, float)) or not self.swiglu_alpha > 0:
+            raise ConfigError("model.moe.swiglu_alpha", f"must be a number > 0, got {self.swiglu_alpha!r}.",
+                              "use e.g. 1.702 (GPT-OSS).")
+
+    def _validate_groups(self, num_experts: int) -> None:
+        n, kg = self.n_group, self.topk_group
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or num_experts % n:
+            raise ConfigError(
+                "model.moe.n_group",
+                f"must be a positive integer dividing the layer's expert count {num_experts}, got {n!r}.",
+                "pick a divisor of every MoE layer's expert count (model.num_experts), or null for no groups.",
+            )
+        if self.group_score == "top2_sum" and num_experts // n < 2:
+            raise ConfigError(
+                "model.moe.n_group",
+                f"leaves {num_experts // n} expert per group, but group_score=top2_sum sums each group's best two.",
+                f"use at most {num_experts // 2} groups, or model.moe.group_score=max.",
+            )
+        if not isinstance(kg, int) or isinstance(kg, bool) or not 1 <= kg <= n:
+            raise ConfigError(
+                "model.moe.topk_group", f"must be an integer between 1 and model.moe.n_group={n}, got {kg!r}.",
+            )
+        if kg * (num_experts // n) < self.top_k:
+            raise ConfigError(
+                "model.moe.topk_group",
+                f"leaves {kg * (num_experts // n)} eligible experts ({kg} groups of {num_experts // n}), "
+                f"fewer than model.moe.top_k={self.top_k}.",
+                "raise topk_group, or lower top_k.",
+            )
 
 
 class MoEStats(NamedTuple):

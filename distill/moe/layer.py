@@ -90,7 +90,8 @@ class MoELayer(nn.Module):
     (residual), `shared_mlp` (the shared experts as one dense MLP of width num_shared_experts * d_ff,
     which equals the sum of that many experts, or `shared_d_ff`) and its optional sigmoid gate
     `shared_gate`. `dispatcher` moves tokens to the experts; an expert-parallel strategy replaces it
-    (and slices `experts`).
+    (and slices `experts`). DeepSeek-V2/V3 and GPT-OSS layers are option sets of `cfg`
+    (`distill.moe.families.moe_options_from_hf`).
 
     `cfg` is used as given: its checks (`MoEConfig.validate`) run once per run, before any model is built.
     """
@@ -103,11 +104,14 @@ class MoELayer(nn.Module):
         self.top_k = cfg.top_k
         d_ff = cfg.d_ff if cfg.d_ff is not None else d_ff
         self.router = Router(d_model, num_experts, cfg)
-        self.experts = GroupedExperts(num_experts, d_model, d_ff, cfg.activation, cfg.use_grouped_mm)
-        self.mlp = MLP(d_model, d_ff, cfg.activation) if cfg.residual else None
+        act = dict(swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha)
+        self.experts = GroupedExperts(
+            num_experts, d_model, d_ff, cfg.activation, cfg.use_grouped_mm, bias=cfg.expert_bias, **act
+        )
+        self.mlp = MLP(d_model, d_ff, cfg.activation, **act) if cfg.residual else None
         self.coef = nn.Linear(d_model, 2) if cfg.residual else None
         self.shared_mlp = (
-            MLP(d_model, cfg.shared_d_ff or cfg.num_shared_experts * d_ff, cfg.activation)
+            MLP(d_model, cfg.shared_d_ff or cfg.num_shared_experts * d_ff, cfg.activation, **act)
             if cfg.num_shared_experts
             else None
         )
