@@ -94,8 +94,8 @@ def distill_stage(spec: RunSpec) -> Stage:
         student = replace(spec.student, vocab_size=dm.vocab_size)
         # the module drops the loader when the schedule never runs KD (KDSchedule.uses_teacher)
         # a mesh strategy lays the teacher out on its own layout (TeacherLoader.sharded), reading only its slices
-        return DistillModule(student, spec.optim, schedule, teacher_loader=TeacherLoader(teacher, spec.teacher_dtype),
-                             teacher=ref)
+        loader = TeacherLoader(teacher, spec.teacher_dtype, internals=k.router_weight > 0 or k.hidden_weight > 0)
+        return DistillModule(student, spec.optim, schedule, teacher_loader=loader, teacher=ref)
 
     def init_from_teacher(module: LMModule, dm: LMDataModule) -> None:
         # A local of this function: the teacher is unreachable (and freed) once the copy is done, before fit.

@@ -190,12 +190,18 @@ class TeacherSource(ABC):
 @dataclass
 class TeacherLoader:
     """A teacher source and the dtype to run it in: ``loader()`` loads it whole (one process or data
-    parallelism), ``loader.sharded(mesh)`` lays it out on a device mesh (a strategy's teacher layout)."""
+    parallelism), ``loader.sharded(mesh)`` lays it out on a device mesh (a strategy's teacher layout).
+    ``internals``: router and hidden-state KD read the teacher's router logits and block outputs, which only
+    our GPT gives, so the teacher is loaded as our GPT (`as_gpt`; a Hugging Face teacher converted, its
+    logits equal to transformers' as tests/test_hf.py checks) instead of its own class."""
 
     source: TeacherSource
     dtype: torch.dtype = torch.float32
+    internals: bool = False
 
     def __call__(self) -> torch.nn.Module:
+        if self.internals:
+            return self.source.as_gpt().to(self.dtype).eval().requires_grad_(False)
         return self.source.load(self.dtype)
 
     def sharded(self, mesh: Any) -> torch.nn.Module:

@@ -381,3 +381,39 @@ def test_kd_terms_sweep_composes(terms: str, router: float, hidden: float) -> No
     assert (kd.router_weight, kd.hidden_weight, kd.stop_fraction) == (router, hidden, 0.7)
     assert (cfg.student.init, cfg.student.expert_selection) == ("teacher", "merge")
     assert cfg.data.seed == 2  # the seed reaches the data order (the student's init is the teacher's, not random)
+
+
+# ----------------------------------------------------------------------------------------------- HF teachers
+
+
+def test_router_kd_with_a_hugging_face_teacher(tmp_path):
+    """Router KD needs the teacher's router logits: a Hugging Face teacher is then loaded as our GPT
+    (TeacherLoader.internals), and the router KD equals the one computed from transformers' own router
+    logits (output_router_logits) for the same tokens."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from teachers.base import TeacherLoader
+    from teachers.hf import HFTeacher
+
+    torch.manual_seed(0)
+    hf_cfg = MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=L_SEQ, tie_word_embeddings=False)
+    hf = MixtralForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)  # decisive, non-uniform routers
+    hf.save_pretrained(tmp_path / "mixtral")
+    source = HFTeacher(tmp_path / "mixtral")
+    teacher = TeacherLoader(source, internals=True)()
+    assert isinstance(teacher, GPT)
+    student_cfg = replace(source.architecture(), n_layers=1, num_experts=[4])
+    module = DistillModule(student_cfg, OptimConfig(warmup_steps=1), KDSchedule(KDConfig(router_weight=1.0,
+                           stop_step=None), 4), teacher_loader=TeacherLoader(source, internals=True))
+    x = batch_inputs()
+    got = internal(module, x)["router_kd"]
+    s = module.model(x, return_router_logits=True).moe_stats[0].router_logits
+    with torch.no_grad():
+        t = hf(x, output_router_logits=True).router_logits[-1]  # default map: the deepest teacher MoE layer
+    assert float(got) > 1e-3
+    assert abs(float(got) - float(router_kd_loss(s.detach(), t.reshape(-1, 4)))) < 1e-5
