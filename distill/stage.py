@@ -87,10 +87,10 @@ def distill_stage(spec: RunSpec) -> Stage:
         k = schedule.cfg
         if schedule.uses_teacher and k.teacher_targets == "offline":  # computed once, shared through the cache
             with torch.random.fork_rng():  # building the teacher draws from the RNG: the student's init must not see it
-                targets, _, _ = ensure_targets(dm, teacher.as_gpt, ref["sha256"], k=k.topk, temperature=k.temperature,
+                targets, path, _ = ensure_targets(dm, teacher.as_gpt, ref["sha256"], k=k.topk, temperature=k.temperature,
                                                batch_size=dm.cfg.batch_size, value_dtype=k.targets_dtype,
                                                router_topk=k.router_topk)
-            dm.attach_targets(targets)
+            dm.attach_targets(targets, path)
         student = replace(spec.student, vocab_size=dm.vocab_size)
         # the module drops the loader when the schedule never runs KD (KDSchedule.uses_teacher)
         # a mesh strategy lays the teacher out on its own layout (TeacherLoader.sharded), reading only its slices

@@ -84,3 +84,16 @@ def test_offline_and_online_kd_agree_when_k_covers_the_vocabulary(data: list[str
                   f"hydra.run.dir={tmp_path / 'bad'}", ok=False)
     assert bad.returncode == 2 and "`kd.teacher_targets`" in bad.stderr, bad.stderr[-2000:]
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_computation_and_read_their_own_shards(data: list[str], teacher: Path,
+                                                                        tmp_path: Path) -> None:
+    """DDP over 2 real processes (gloo): the targets are computed by one of them (a file lock; the other
+    reuses them) and each replica reads only its own shards."""
+    run = run_app("distill", *data, f"teacher.path={teacher}", "trainer=smoke", "trainer.max_steps=2", "kd=full",
+                  "logger=none", "strategy=ddp", "trainer.devices=2", "kd.teacher_targets=offline", "kd.topk=16",
+                  f"hydra.run.dir={tmp_path}")
+    out = run.stdout + run.stderr
+    assert out.count("teacher targets: reusing") == 1 and "teacher calls 0" in out, out[-3000:]
+    assert "replica 0 of 2 reads shards [0, 2]" in out and "replica 1 of 2 reads shards [1, 3]" in out, out[-3000:]

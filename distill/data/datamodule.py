@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,7 +27,8 @@ class LMDataModule(L.LightningDataModule):
     then only loads from the cache. The train loader shuffles with `data.seed` through a
     DistributedSampler over the strategy's data-parallel replicas (one replica without a trainer), so
     the order is the same on every run and replicas never share a block; Lightning leaves it in place
-    and calls its `set_epoch`. Validation and test loaders keep their order (Lightning shards them).
+    and calls its `set_epoch`. With offline teacher targets, each replica reads only its own shards of
+    them (and the blocks they belong to). Validation and test loaders keep their order (Lightning shards them).
     `cfg` is used as given (the app layer runs `DataConfig.validate` once per run).
     """
 
@@ -40,6 +43,7 @@ class LMDataModule(L.LightningDataModule):
         self.blocks: DatasetDict | None = None
         self._stats: dict[str, Any] | None = None
         self.train_targets: Dataset | None = None  # offline teacher targets, one row per train block
+        self.targets_path: Path | None = None  # their directory (its shards: what each replica reads)
 
     def _build(self) -> tuple[DatasetDict, TextTokenizer, DatasetDict, DatasetDict]:
         start = time.perf_counter()
@@ -72,12 +76,34 @@ class LMDataModule(L.LightningDataModule):
             return concatenate_datasets([self.blocks[split], self.train_targets], axis=1).with_format("torch")
         return self.blocks[split].with_format("torch")
 
-    def attach_targets(self, targets: Dataset) -> None:
+    def attach_targets(self, targets: Dataset, path: str | os.PathLike | None = None) -> None:
         """Offline teacher targets (distill/kd/targets.py): row i belongs to train block i; the train batches
-        then also hold their t_ids / t_logp / t_tail / r_ids / r_gates."""
+        then also hold their t_ids / t_logp / t_tail / r_ids / r_logp. With their directory (`path`), each of
+        several data-parallel replicas reads only its own shards (`own_shards`)."""
         if self.blocks is None or len(targets) != len(self.blocks["train"]):
             raise ValueError("the targets must have one row per train block of this data module")
         self.train_targets = targets
+        self.targets_path = Path(path) if path is not None else None
+
+    def own_shards(self, num_replicas: int, rank: int) -> Dataset | None:
+        """The train blocks of this replica with their targets, read from its own shards only: shard s belongs
+        to replica s % num_replicas, every replica keeps as many rows as the smallest share (so all step
+        alike). None when there are fewer shards than replicas (each then maps every shard)."""
+        from distill.kd.targets import load_targets, read_meta, shard_bounds
+
+        meta = read_meta(self.targets_path) or {}
+        shards = meta.get("shards", 0)
+        if shards < num_replicas:
+            logger.warning("teacher targets: %d shards for %d replicas; every replica maps all of them",
+                           shards, num_replicas)
+            return None
+        bounds = shard_bounds(meta["rows"], shards)
+        share = [sum(bounds[s + 1] - bounds[s] for s in range(r, shards, num_replicas)) for r in range(num_replicas)]
+        mine, n = list(range(rank, shards, num_replicas)), min(share)
+        rows = [i for s in mine for i in range(bounds[s], bounds[s + 1])][:n]
+        targets = load_targets(self.targets_path, {}, shards=mine).select(range(n))
+        logger.info("teacher targets: replica %d of %d reads shards %s (%d blocks)", rank, num_replicas, mine, n)
+        return concatenate_datasets([self.blocks["train"].select(rows), targets], axis=1).with_format("torch")
 
     def _replicas(self) -> dict[str, int]:
         """num_replicas and rank of this process among the data-parallel replicas."""
@@ -85,10 +111,15 @@ class LMDataModule(L.LightningDataModule):
         return kwargs or {"num_replicas": 1, "rank": 0}
 
     def train_dataloader(self) -> DataLoader:
+        replicas = self._replicas()
+        if self.targets_path is not None and replicas["num_replicas"] > 1:
+            own = self.own_shards(replicas["num_replicas"], replicas["rank"])
+            if own is not None:  # this replica's blocks only, shuffled among themselves
+                sampler = DistributedSampler(own, num_replicas=1, rank=0, shuffle=True, seed=self.cfg.seed,
+                                             drop_last=True)
+                return self._loader(own, self.cfg.batch_size, sampler=sampler)
         data = self._split("train")
-        sampler = DistributedSampler(
-            data, shuffle=True, seed=self.cfg.seed, drop_last=True, **self._replicas()
-        )
+        sampler = DistributedSampler(data, shuffle=True, seed=self.cfg.seed, drop_last=True, **replicas)
         return self._loader(data, self.cfg.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

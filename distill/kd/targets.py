@@ -24,6 +24,7 @@ on shuffled training batches; a dropless teacher gives the same either way.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -121,7 +122,7 @@ def build_targets(teacher: torch.nn.Module, blocks: Dataset, out_dir: Path, meta
         raise ConfigError("kd.topk", f"must be in [1, {cfg.vocab_size}] (the teacher's vocabulary), got {k}.")
     n = len(blocks)
     shards = max(1, min(num_shards, n))
-    bounds = [n * s // shards for s in range(shards + 1)]
+    bounds = shard_bounds(n, shards)
     seq_len = len(blocks[0]["input_ids"]) - 1 if n else 0
     r = router_topk_of(cfg.num_experts, router_topk)
     feats = features(cfg.vocab_size, max(cfg.num_experts or [1]), seq_len, k, cfg.num_moe_layers, r, value_dtype)
@@ -172,10 +173,15 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def load_targets(path: Path, expect: dict[str, Any]) -> Dataset:
-    """The targets at `path`, checked against what the run expects (`expect`: data fingerprint, teacher
-    sha256, k, temperature, split, rows); ConfigError naming the directory when they were made otherwise or
-    their files are damaged."""
+def shard_bounds(rows: int, shards: int) -> list[int]:
+    """Shard s holds the rows [bounds[s], bounds[s + 1]) (contiguous ranges of blocks)."""
+    return [rows * s // shards for s in range(shards + 1)]
+
+
+def load_targets(path: Path, expect: dict[str, Any], shards: list[int] | None = None) -> Dataset:
+    """The targets at `path` (only the shards `shards`, in that order, when given: a rank reads its own),
+    checked against what the run expects (`expect`: data fingerprint, teacher sha256, k, temperature, split,
+    rows); ConfigError naming the directory when they were made otherwise or their files are damaged."""
     meta = read_meta(path)
     if meta is None:
         raise ConfigError("kd.teacher_targets", f"{path} holds no complete teacher targets (no {META}).",
@@ -184,16 +190,19 @@ def load_targets(path: Path, expect: dict[str, Any]) -> Dataset:
         if meta.get(key) != want:
             raise ConfigError("kd.teacher_targets", f"the targets in {path} were made with {key}={meta.get(key)!r}, "
                               f"this run needs {want!r}.", "delete them or point the run at its own data and teacher.")
+    own = list(range(meta["shards"])) if shards is None else list(shards)
     try:
         data = concatenate_datasets([Dataset.from_file(str(Path(path) / shard_name(i, meta["shards"])))
-                                     for i in range(meta["shards"])])
+                                     for i in own])
     except Exception as err:  # a truncated or missing shard
         raise ConfigError("kd.teacher_targets", f"cannot read the targets in {path}: {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}",
                           "delete the directory; the next run recomputes them.") from None
-    if len(data) != meta["rows"]:
-        raise ConfigError("kd.teacher_targets", f"{path} holds {len(data)} rows, its {META} says {meta['rows']}.",
-                          "delete the directory; the next run recomputes them.")
+    bounds = shard_bounds(meta["rows"], meta["shards"])
+    want = sum(bounds[i + 1] - bounds[i] for i in own)
+    if len(data) != want:
+        raise ConfigError("kd.teacher_targets", f"{path} holds {len(data)} rows in shards {own}, its {META} says "
+                          f"{want}.", "delete the directory; the next run recomputes them.")
     return data
 
 
@@ -238,10 +247,16 @@ def ensure_targets(dm: Any, load_teacher: Any, teacher_sha256: str, *, k: int, t
     path = cache_root(dm.cfg) / "teacher_targets" / key
     expect = {**meta, "k": k, "temperature": float(temperature), "router_topk": router_topk,
               "rows": len(dm.blocks[split])}
-    if read_meta(path) is not None:
-        logger.info("teacher targets: reusing %s", path)
-        return load_targets(path, expect), path, True
-    data = build_targets(load_teacher(), dm.blocks[split], path, meta, k=k, temperature=temperature,
-                         batch_size=batch_size, num_shards=num_shards, value_dtype=value_dtype,
-                         router_topk=router_topk, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:  # the processes of a run: one computes, all reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if read_meta(path) is not None:
+                logger.info("teacher targets: reusing %s", path)
+                return load_targets(path, expect), path, True
+            data = build_targets(load_teacher(), dm.blocks[split], path, meta, k=k, temperature=temperature,
+                                 batch_size=batch_size, num_shards=num_shards, value_dtype=value_dtype,
+                                 router_topk=router_topk, progress=progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return data, path, False
