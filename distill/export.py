@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model
 
+from distill.atomic import AtomicDir
 from distill.errors import ConfigError
 from distill.models import GPT, ModelConfig
 from distill.models.fused import FUSED_LAYOUT
@@ -104,23 +103,16 @@ def export_model(
         write_weights(model, os.devnull, writer=False)  # the collectives only
         return out
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        staging = AtomicDir(out)
     except Exception:
         write_weights(model, os.devnull, writer=False)  # the other ranks still wait in the gathers
         raise
-    try:
+    with staging as tmp:
         write_weights(model, tmp / WEIGHTS, writer=True)
         payload = {"model": model_config_to_dict(cfg), "meta": meta or {}, "fused_layout": FUSED_LAYOUT}
         (tmp / CONFIG).write_text(json.dumps(payload, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -27,9 +27,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +36,7 @@ import numpy as np
 import torch
 from datasets import Array2D, Array3D, Dataset, Features, Sequence, Value, concatenate_datasets
 
+from distill.atomic import AtomicDir
 from distill.data.config import digest
 from distill.errors import ConfigError
 from distill.kd.sparse import TopK, lm_sparse_kd_loss, teacher_topk
@@ -126,11 +124,9 @@ def build_targets(teacher: torch.nn.Module, blocks: Dataset, out_dir: Path, meta
     seq_len = len(blocks[0]["input_ids"]) - 1 if n else 0
     r = router_topk_of(cfg.num_experts, router_topk)
     feats = features(cfg.vocab_size, max(cfg.num_experts or [1]), seq_len, k, cfg.num_moe_layers, r, value_dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     start = time.perf_counter()
     teacher.eval()
-    try:
+    with AtomicDir(out_dir) as tmp:
         rows = teacher_rows(teacher, blocks, k, temperature, batch_size, value_dtype, router_topk)
         bar = tqdm(total=n, desc="teacher targets", unit="block", disable=not progress)
         for s in range(shards):
@@ -147,12 +143,6 @@ def build_targets(teacher: torch.nn.Module, blocks: Dataset, out_dir: Path, meta
                 "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
                 "bytes_per_token": bytes_per_token(tmp, tokens)}
         (tmp / META).write_text(json.dumps(full, indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info("teacher targets: %d blocks (%d tokens) in %.1f s, %.0f tokens/s, %.1f bytes/token: %s",
                 n, tokens, seconds, full["tokens_per_s"], full["bytes_per_token"], out_dir)
     return load_targets(out_dir, meta)
