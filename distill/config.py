@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from distill.data.config import DataConfig
 from distill.data.vl_config import VLDataConfig
 from distill.errors import ConfigError
+from distill.evaluate.config import EvalSettings
 from distill.kd import KDConfig
 from distill.models.config import ModelConfig
 from distill.models.vl_config import VLMoEConfig
@@ -210,6 +211,9 @@ class PipelineConfig(DistillConfig):
     teacher_max_steps: Optional[int] = None  # None -> trainer.max_steps
     gen_tokens: int = 64  # new tokens per sequence when measuring generation speed
     gen_batch: int = 4
+    # test-split perplexity and the own lm-eval task's accuracy for every model in the report (distill/evaluate);
+    # off by default: it adds minutes to `make run` on a CPU
+    evaluate: bool = False
     stage: str = "pipeline"
     task: str = "lm"  # conf/task/: lm (this schema) or vl (VLPipelineConfig)
 
@@ -250,8 +254,20 @@ class PlanConfig:
     plan: PlanSettings = field(default_factory=PlanSettings)
 
 
+@dataclass
+class EvaluateConfig:
+    """``python -m distill.evaluate``: perplexity and lm-evaluation-harness tasks of ``eval.model``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    seed: int = 0
+    stage: str = "evaluate"
+    out_dir: str = "."
+
+
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "distill": DistillConfig, "pipeline": PipelineConfig,
-                            "plan": PlanConfig, "teacher_targets": DistillConfig}
+                            "plan": PlanConfig, "teacher_targets": DistillConfig, "evaluate": EvaluateConfig}
 # The pipeline's schema is a config group (conf/pipeline.yaml: `schema: pipeline`) that conf/task/vl.yaml overrides.
 TASK_SCHEMAS: dict[str, type] = {"lm": PipelineConfig, "vl": VLPipelineConfig}
 

@@ -56,6 +56,11 @@ def run_pipeline(spec: RunSpec) -> dict[str, Any]:
         t = {}
     model = teacher.as_gpt()
     t["gen_tokens_per_s"] = generation_tokens_per_s(model, dm.vocab_size, settings.gen_tokens, settings.gen_batch)
+    evaluate = settings.evaluate and rank_zero_only.rank == 0
+    if evaluate:  # evaluate=true: test perplexity and the own lm-eval task (distill/evaluate/pipeline_eval.py)
+        from distill.evaluate.pipeline_eval import evaluate_for_report
+
+        t.update(evaluate_for_report(model, "teacher", dm, out_dir, dm.cfg.eval_batch_size or dm.cfg.batch_size))
     models["teacher"] = t
     del model
 
@@ -66,6 +71,8 @@ def run_pipeline(spec: RunSpec) -> dict[str, Any]:
         s["gen_tokens_per_s"] = generation_tokens_per_s(module.model, dm.vocab_size, settings.gen_tokens,
                                                         settings.gen_batch)
         curves[name] = s.pop("val_history")
+        if evaluate:
+            s.update(evaluate_for_report(module.model, name, dm, out_dir, dm.cfg.eval_batch_size or dm.cfg.batch_size))
         models[name] = s
         del module
 

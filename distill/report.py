@@ -9,7 +9,7 @@ from typing import Any
 
 COLUMNS = ("params_total", "params_active", "val_loss", "val_ppl", "train_tokens_per_s", "gen_tokens_per_s")
 HEADERS = ("model", "params (total)", "params (active)", "val loss", "val ppl", "train tok/s", "gen tok/s")
-PERCENT = ("vqa_acc",)  # fractions shown as percentages (and recall@k: i2t_*, t2i_*)
+PERCENT = ("vqa_acc", "mc_acc")  # fractions shown as percentages (and recall@k: i2t_*, t2i_*)
 
 
 def _fmt(key: str, v: Any) -> str:
@@ -21,7 +21,7 @@ def _fmt(key: str, v: Any) -> str:
         return f"{v / 1e6:.2f}M" if v >= 1e5 else f"{v:,}"
     if key.endswith("tokens_per_s"):
         return f"{v:,.0f}"
-    return f"{v:.4f}" if key.startswith("val_") and key != "val_ppl" else f"{v:.2f}"
+    return f"{v:.4f}" if key.startswith(("val_", "test_")) and not key.endswith("_ppl") else f"{v:.2f}"
 
 
 def markdown_table(models: dict[str, dict[str, Any]], columns: tuple[str, ...] = COLUMNS,
@@ -76,7 +76,11 @@ def write_report(
     payload = {"models": rows, "val_curves": {k: [list(p) for p in v] for k, v in curves.items()},
                "notes": notes or []}
     (out_dir / "report.json").write_text(json.dumps(payload, indent=2, default=float))
-    md = ["# distill report", "", markdown_table(models), ""]
+    # the pipeline's `evaluate=true` columns, when its models have them
+    extra = [(k, h) for k, h in (("test_loss", "test loss"), ("test_ppl", "test ppl"), ("mc_acc", "MC acc"))
+             if any(k in row for row in models.values())]
+    table = markdown_table(models, COLUMNS + tuple(k for k, _ in extra), HEADERS + tuple(h for _, h in extra))
+    md = ["# distill report", "", table, ""]
     md += [f"- {n}" for n in notes or []]
     md += ["", f"![validation loss]({png.name})", ""]
     (out_dir / "report.md").write_text("\n".join(md))

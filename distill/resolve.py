@@ -44,6 +44,7 @@ class PipelineSettings:
     teacher_max_steps: int  # the pretrained teacher's budget
     gen_tokens: int
     gen_batch: int
+    evaluate: bool = False  # test perplexity + the own lm-eval task per model (distill/evaluate/pipeline_eval.py)
 
 
 @dataclass
@@ -190,5 +191,6 @@ def _pipeline_settings(cfg: DictConfig, trainer: TrainerConfig) -> PipelineSetti
     for key in ("gen_tokens", "gen_batch"):
         if cfg[key] < 1:
             raise ConfigError(key, f"must be >= 1, got {cfg[key]}.", f"e.g. {key}=4.")
-    return PipelineSettings(cfg.teacher_max_steps or trainer.max_steps, cfg.gen_tokens, cfg.gen_batch)
+    return PipelineSettings(cfg.teacher_max_steps or trainer.max_steps, cfg.gen_tokens, cfg.gen_batch,
+                            evaluate=bool(cfg.get("evaluate", False)))
 

@@ -128,7 +128,8 @@ class HFCausalLM(torch.nn.Module):
 
 
 class HFTeacher(TeacherSource):
-    """A `save_pretrained` directory or a hub model id of a supported family (Mixtral, Qwen2-MoE)."""
+    """A `save_pretrained` directory or a hub model id of a supported family (`distill.interop.FAMILIES`:
+    Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, DeepSeek-V2/V3)."""
 
     def __init__(self, path: str | os.PathLike | None):
         super().__init__(path)

@@ -23,8 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaConfig,
     MixtralConfig,
-    OlmoeConfig,
     PreTrainedTokenizerFast,
     Qwen2MoeConfig,
 )
@@ -207,12 +207,12 @@ def test_student_with_fewer_experts_takes_the_first_experts(checkpoints):
 
 
 def test_unsupported_families_and_students_name_the_key(tmp_path):
-    olmoe = tmp_path / "olmoe"
-    OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-                num_experts=4).save_pretrained(olmoe)
+    llama = tmp_path / "llama"  # a dense family
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=4).save_pretrained(llama)
     with pytest.raises(ConfigError) as err:
-        resolve(compose_cfg("distill", "teacher=hf", f"teacher.path={olmoe}"), "distill")
-    assert err.value.key == "teacher.path" and "olmoe" in str(err.value)
+        resolve(compose_cfg("distill", "teacher=hf", f"teacher.path={llama}"), "distill")
+    assert err.value.key == "teacher.path" and "llama" in str(err.value)
     with pytest.raises(ConfigError) as err:
         model_config_from_hf(MixtralConfig(num_experts_per_tok=1, num_local_experts=4))
     assert err.value.key == "teacher.path"

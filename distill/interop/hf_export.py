@@ -3,8 +3,9 @@
 The weights stream, one of our tensors at a time: it is gathered (a DTensor of a model laid out by
 `distill.parallel.parallelize`) or read (`safe_open` on a native export), turned into its transformers
 tensors by the rules of `hf_weights.weight_rules`, put back in the hub's file layout by transformers' own
-`revert_weight_conversion` (per-expert weights for Mixtral / Qwen2-MoE), and written. transformers only
-writes the config files, from a model built on the meta device; no full model is ever materialised.
+`revert_weight_conversion` (per-expert weights for Mixtral, Qwen, OLMoE, DeepSeek), and written.
+transformers only writes the config files, from a model built on the meta device; no full model is ever
+materialised.
 """
 
 from __future__ import annotations

@@ -19,8 +19,10 @@ import torch
 
 from distill.errors import ConfigError
 from distill.interop.hf_config import hf_config_from_model, model_config_from_hf
+from distill.interop.hf_deepseek import deepseek_block_rules
 from distill.models import GPT, ModelConfig
 from distill.models.fused import GLU_GROUP_SIZES, deinterleave, interleave, qkv_group_sizes
+from distill.moe.families import moe_weight_rules
 
 # (our key, the transformers keys it is made of, how): "copy"; "qkv" = q, k, v interleaved by key/value
 # head, "glu" = SwiGLU gate and up interleaved by unit (`distill.models.fused`); "t" = dims 1 and 2 swapped
@@ -33,8 +35,25 @@ FIRST_ROWS = ("rows", "t", "t_glu")
 if TYPE_CHECKING:
     from distill.parallel.load import LazyTensor, SafetensorsFiles
 
-# the files' per-expert names of the stacked in-memory expert tensors (Mixtral's, then Qwen2-MoE's)
+# the files' per-expert names of the stacked in-memory expert tensors (Mixtral's, then Qwen2/3-MoE's and OLMoE's)
 EXPERT_FILE_NAMES = {"gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")), "down_proj": (("w2",), ("down_proj",))}
+
+
+def _attention_rules(cfg: ModelConfig, o: str, att: str) -> list[Rule]:
+    """Our attention of block `o` ("blocks.3.") <- the transformers attention module `att`."""
+    rules: list[Rule] = [
+        (o + "attn.c_attn.weight", tuple(f"{att}{p}_proj.weight" for p in "qkv"), "qkv"),
+        (o + "attn.c_proj.weight", (att + "o_proj.weight",), "copy"),
+    ]
+    if cfg.qkv_bias:
+        rules.append((o + "attn.c_attn.bias", tuple(f"{att}{p}_proj.bias" for p in "qkv"), "qkv"))
+    if cfg.out_bias:
+        rules.append((o + "attn.c_proj.bias", (att + "o_proj.bias",), "copy"))
+    if cfg.qk_norm is not None:
+        rules += [(f"{o}attn.{p}_norm.weight", (f"{att}{p}_norm.weight",), "copy") for p in "qk"]
+    if cfg.attn_sinks:
+        rules.append((o + "attn.sinks", (att + "sinks",), "copy"))
+    return rules
 
 
 def weight_rules(cfg: ModelConfig) -> list[Rule]:
@@ -46,20 +65,25 @@ def weight_rules(cfg: ModelConfig) -> list[Rule]:
     ]
     for i in range(cfg.n_layers):
         o, h = f"blocks.{i}.", f"model.layers.{i}."
-        att, mlp = h + "self_attn.", h + "mlp."
+        mlp = h + "mlp."
         rules += [
             (o + "ln_1.weight", (h + "input_layernorm.weight",), "copy"),
             (o + "ln_2.weight", (h + "post_attention_layernorm.weight",), "copy"),
-            (o + "attn.c_attn.weight", tuple(f"{att}{p}_proj.weight" for p in "qkv"), "qkv"),
-            (o + "attn.c_proj.weight", (att + "o_proj.weight",), "copy"),
         ]
-        if cfg.qkv_bias:
-            rules.append((o + "attn.c_attn.bias", tuple(f"{att}{p}_proj.bias" for p in "qkv"), "qkv"))
+        if cfg.mla is not None:  # DeepSeek: MLA, and in an MoE block its MoE layer (hf_deepseek)
+            rules += deepseek_block_rules(cfg, o, h)
+        else:
+            rules += _attention_rules(cfg, o, h + "self_attn.")
         if not cfg.is_moe_block(i):
             rules += [
                 (o + "ffn.c_fc.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), "glu"),
                 (o + "ffn.c_proj.weight", (mlp + "down_proj.weight",), "copy"),
             ]
+            continue
+        if cfg.mla is not None:
+            continue
+        if cfg.moe.router_bias or cfg.moe.expert_bias:  # GPT-OSS's MoE layer (distill.moe.families)
+            rules += moe_weight_rules(o + "ffn.", mlp, "gpt_oss", cfg.moe)
             continue
         rules += [
             (o + "ffn.router.weight", (mlp + "gate.weight",), "rows"),
@@ -224,6 +248,8 @@ def hf_file_tensors(cfg: ModelConfig, files: SafetensorsFiles, key: str = "teach
         out[ours] = value
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["wte.weight"]
+    if cfg.mla is not None:  # DeepSeek-V3's multi-token-prediction layers (after the last), as transformers
+        used |= {k for k in files.keys() if re.match(rf"model\.layers\.{cfg.n_layers}\.", k)}
     unused = sorted(set(files.keys()) - used)
     if unused:
         raise ConfigError(key, f"the checkpoint has weights our model has no place for: {unused[:3]}.")

@@ -2,7 +2,9 @@
 
 Tied embeddings, rotary positions, pre-norm LayerNorm, causal attention through
 `scaled_dot_product_attention`, a KV cache for generation. Config switches give the Llama-family layout
-of Mixtral / Qwen2-MoE: RMSNorm, grouped-query attention, SwiGLU, untied head. No training concerns live here: the
+of Mixtral / Qwen2-MoE: RMSNorm, grouped-query attention, SwiGLU, untied head; and those of Qwen3-MoE, OLMoE
+and GPT-OSS attention: q/k norms, scaled RoPE (`distill.models.rope`), sliding windows, attention sinks, any
+set of dense blocks; DeepSeek's multi-head latent attention (`distill.models.mla`). No training concerns live here: the
 forward pass returns logits and the MoE layers' statistics; losses are computed by the caller. The blocks
 it is made of live in `distill.models.layers`.
 """
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 
 from distill.models.config import ModelConfig
 from distill.models.layers import Block, KVCache, make_norm, rope_tables
+from distill.models.mla import MLACache
+from distill.models.mla import rope_tables as mla_rope_tables
 from distill.moe import MoELayer, MoEStats
 
 
@@ -99,9 +103,12 @@ class GPT(nn.Module):
         k = self.cfg.moe.top_k
         return self.num_params() - sum((n - k) * per for n, _, per in self._expert_counts())
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache | MLACache:
         """An empty KV cache on the model's device and dtype (`max_len` defaults to max_seq_len)."""
         w = self.wte.weight
+        if self.cfg.mla is not None:
+            return MLACache(self.cfg.n_layers, batch_size, max_len or self.cfg.max_seq_len, self.cfg.mla,
+                            device=w.device, dtype=w.dtype)
         return KVCache(
             self.cfg.n_layers,
             batch_size,
@@ -117,7 +124,7 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | MLACache | None = None,
         *,
         return_router_logits: bool = False,
         return_hidden: bool = False,
@@ -136,7 +143,10 @@ class GPT(nn.Module):
             )
         x = self.drop(self.wte(idx))
         positions = torch.arange(start, start + L, device=idx.device)
-        cos, sin = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        if self.cfg.mla is not None:
+            cos, sin = mla_rope_tables(self.cfg.mla, positions)
+        else:
+            cos, sin = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta, self.cfg.rope_scaling)
         stats: list[MoEStats] = []
         hidden: list[torch.Tensor] | None = [] if return_hidden else None
         for block in self.blocks:

@@ -1,8 +1,11 @@
-"""The decoder's building blocks: rotary tables, the KV cache, norms, attention, the dense MLP, the block.
+"""The decoder's building blocks: the KV cache, norms, attention, the dense MLP, the block.
 
 Pre-norm LayerNorm or RMSNorm, causal attention through `scaled_dot_product_attention` (grouped-query
 when `n_kv_heads` < `n_heads`), a GELU or SwiGLU dense MLP; a block's FFN is an MoE layer when it is given
 an expert count. Every module takes a ModelConfig as given (checked once per run by `ModelConfig.validate`).
+Rotary tables live in `distill.models.rope`; the attention options of other layouts (q/k norms, sliding
+windows, sinks; all off by default) in `distill.models.attention_ext`; `model.mla` swaps in DeepSeek's
+multi-head latent attention (`distill.models.mla`).
 """
 
 from __future__ import annotations
@@ -11,29 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill.models.attention_ext import attention_mask, norm_qk, sink_attention
 from distill.models.config import ModelConfig
+from distill.models.mla import MLACache, MultiHeadLatentAttention
+from distill.models.rope import apply_rope, rope_tables
 from distill.moe import MoELayer, MoEStats
 from distill.moe.experts import activate, in_width
 
-# ----------------------------------------------------------------------------------------------------
-# rotary position embeddings (rotate-half form)
-
-
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and sin tables [L, head_dim] for integer `positions` [L]."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    )
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., L, head_dim] by its positions' angles; the result keeps x's dtype."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
+__all__ = ["MLP", "Block", "CausalSelfAttention", "KVCache", "RMSNorm", "apply_rope", "make_norm", "rope_tables"]
 
 # ----------------------------------------------------------------------------------------------------
 # KV cache
@@ -117,26 +105,50 @@ class CausalSelfAttention(nn.Module):
         # whole groups is the attention of those heads alone (a tensor-parallel rank's share), so the
         # forward below infers the number of groups from the tensor it gets.
         self.group = self.n_heads // self.n_kv_heads
+        width = self.n_heads * cfg.head_dim
         self.c_attn = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
-        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.c_proj = nn.Linear(width, cfg.d_model, bias=cfg.out_bias)
+        # options (attention_ext), None / off by default
+        self.window = cfg.attn_window(layer_idx)
+        self.qk_per_head = cfg.qk_norm == "head"
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm is not None:
+            q_width, k_width = (cfg.head_dim, cfg.head_dim) if self.qk_per_head else (width, cfg.kv_heads * cfg.head_dim)
+            self.q_norm, self.k_norm = RMSNorm(q_width, cfg.norm_eps), RMSNorm(k_width, cfg.norm_eps)
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None
 
     def init_weights(self, std: float, out_std: float) -> None:
         _init_linear(self.c_attn, std)
         _init_linear(self.c_proj, out_std)
+        if self.q_norm is not None:
+            self.q_norm.reset_parameters()
+            self.k_norm.reset_parameters()
+        if self.sinks is not None:
+            nn.init.normal_(self.sinks, std=std)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
         B, L, _ = x.shape
         qkv = self.c_attn(x).view(B, L, -1, self.group + 2, self.head_dim)
-        q, k, v = (t.reshape(B, L, -1, self.head_dim).transpose(1, 2)
-                   for t in qkv.split([self.group, 1, 1], dim=3))
+        q, k, v = qkv.split([self.group, 1, 1], dim=3)
+        if self.q_norm is not None:
+            q, k = norm_qk(q, k, self.q_norm, self.k_norm, self.qk_per_head)
+        q, k, v = (t.reshape(B, L, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0
         if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless autocast runs over an fp32 cache
+        dropout = self.dropout if self.training else 0.0
+        if self.sinks is not None or self.window is not None:
+            mask = attention_mask(start, L, self.window, x.device)
+            if self.sinks is not None:
+                y = sink_attention(q, k, v, mask, self.sinks, dropout)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=self.group > 1)
+            return self.c_proj(y.transpose(1, 2).reshape(B, L, -1))
         mask, is_causal = None, False
         if start == 0:
             is_causal = L > 1  # keys are exactly the L query positions
@@ -144,8 +156,7 @@ class CausalSelfAttention(nn.Module):
             q_pos = torch.arange(start, start + L, device=x.device)
             mask = torch.arange(start + L, device=x.device)[None, :] <= q_pos[:, None]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
-            enable_gqa=self.group > 1,
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=self.group > 1,
         )
         return self.c_proj(y.transpose(1, 2).reshape(B, L, -1))
 
@@ -173,7 +184,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, num_experts: int | None = None):
         super().__init__()
         self.ln_1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.attn: nn.Module = (
+            CausalSelfAttention(cfg, layer_idx) if cfg.mla is None else MultiHeadLatentAttention(cfg.mla, layer_idx)
+        )
         self.ln_2 = make_norm(cfg)
         self.is_moe = num_experts is not None
         self.ffn: nn.Module = (
@@ -186,7 +199,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | MLACache | None = None,
         *,
         return_router_logits: bool = False,
     ) -> tuple[torch.Tensor, MoEStats | None]:

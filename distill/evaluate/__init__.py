@@ -1,4 +1,9 @@
-"""Measurements shared by the apps and the report: generation speed."""
+"""Evaluation: generation speed (used by the pipeline's report) and `python -m distill.evaluate`.
+
+`python -m distill.evaluate eval.model=<export dir or .ckpt>` (distill/evaluate/__main__.py) measures the
+perplexity of a model on the test and validation splits and runs lm-evaluation-harness tasks on it
+(`distill.evaluate.harness`), the project's own multiple-choice task included (`distill.eval_tasks`).
+"""
 
 from __future__ import annotations
 
