@@ -327,7 +327,8 @@ def test_pipeline_app_qwen2_moe_teacher_skips_pretraining(checkpoints, text_file
     path = checkpoints["qwen2_moe"]
     overrides = ["teacher=hf", f"teacher.path={path}", *DATA, f"data.data_files={text_file}",
                  "student.n_layers=2", "student.init=teacher"]
-    run_app("pipeline", *overrides, "trainer=smoke", "logger=csv", "gen_tokens=4", f"hydra.run.dir={tmp_path}")
+    run_app("pipeline", *overrides, "trainer=smoke", "trainer.max_steps=8", "logger=csv", "gen_tokens=4",
+            f"hydra.run.dir={tmp_path}")
     assert not (tmp_path / "teacher").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["models"]) == {"teacher", "student_staged_kd", "student_no_kd", "student_full_kd"}

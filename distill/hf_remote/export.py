@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from distill.atomic import AtomicDir
 from distill.errors import ConfigError
 from distill.models import GPT, ModelConfig
 
@@ -106,16 +105,8 @@ def remote_model(model: GPT, tok: Any = None) -> torch.nn.Module:
 def _write(out_dir: str | os.PathLike, write: Any) -> Path:
     """Run ``write(tmp)`` into a temporary sibling of ``out_dir``, then rename it into place."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with AtomicDir(out) as tmp:
         write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
