@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill.models.attention_ext import attention_mask, norm_qk, sink_attention
+from distill.models.cache import KVCache
 from distill.models.config import ModelConfig
 from distill.models.mla import MLACache, MultiHeadLatentAttention
 from distill.models.rope import apply_rope, rope_tables
@@ -22,42 +23,6 @@ from distill.moe import MoELayer, MoEStats
 from distill.moe.experts import activate, in_width
 
 __all__ = ["MLP", "Block", "CausalSelfAttention", "KVCache", "RMSNorm", "apply_rope", "make_norm", "rope_tables"]
-
-# ----------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Keys and values of every attention layer for a batch of sequences being decoded.
-
-    `pos` is the number of positions already written; `GPT.forward` advances it after each call.
-    """
-
-    def __init__(
-        self,
-        n_layers: int,
-        batch_size: int,
-        n_heads: int,
-        max_len: int,
-        head_dim: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ):
-        shape = (batch_size, n_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.max_len = max_len
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k, v [B, H, L, hd] of `layer` at `pos`; return all keys and values so far."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {end}.")
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
 
 # ----------------------------------------------------------------------------------------------------
 # modules, in the order data flows through them

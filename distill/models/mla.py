@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import ConfigError
+from distill.models.cache import KVCache
 
 ROPE_TYPES = ("default", "yarn")
 
@@ -171,28 +172,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-class MLACache:
+class MLACache(KVCache):
     """The compressed keys of every MLA layer of a batch being decoded: the normalised latent
-    [B, 1, max_len, kv_lora_rank] and the rotated shared key [B, 1, max_len, qk_rope_head_dim]. The same
-    protocol as `layers.KVCache` (`pos`, `max_len`, `update`); the model advances `pos` after each call."""
+    [B, 1, max_len, kv_lora_rank] (`latent`, the KVCache's keys) and the rotated shared key
+    [B, 1, max_len, qk_rope_head_dim] (`k_rot`, its values); `update(layer, latent, k_rot)`."""
 
     def __init__(self, n_layers: int, batch_size: int, max_len: int, cfg: MLAConfig,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        def zeros(width: int) -> list[torch.Tensor]:
-            return [torch.zeros(batch_size, 1, max_len, width, device=device, dtype=dtype) for _ in range(n_layers)]
+        super().__init__(n_layers, batch_size, 1, max_len, cfg.kv_lora_rank, device, dtype, v_dim=cfg.qk_rope_head_dim)
 
-        self.latent, self.k_rot = zeros(cfg.kv_lora_rank), zeros(cfg.qk_rope_head_dim)
-        self.max_len = max_len
-        self.pos = 0
+    @property
+    def latent(self) -> list[torch.Tensor]:
+        return self.k
 
-    def update(self, layer: int, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's latent and k_rot [B, 1, L, *] of `layer` at `pos`; return all so far."""
-        end = self.pos + latent.size(2)
-        if end > self.max_len:
-            raise ValueError(f"MLA cache holds {self.max_len} positions; cannot write up to {end}.")
-        self.latent[layer][:, :, self.pos : end] = latent
-        self.k_rot[layer][:, :, self.pos : end] = k_rot
-        return self.latent[layer][:, :, :end], self.k_rot[layer][:, :, :end]
+    @property
+    def k_rot(self) -> list[torch.Tensor]:
+        return self.v
 
 
 class RMSNorm(nn.Module):
