@@ -44,8 +44,9 @@ def main() -> None:
         targets = build_targets(teacher, blocks, Path(tmp) / "targets", {}, k=K, temperature=1.0,
                                 batch_size=BATCH, progress=False)
         meta = json_meta(Path(tmp) / "targets")
-        print(f"stored targets at k={K} with router targets ({teacher_cfg.num_moe_layers} MoE layers, top-"
-              f"{teacher_cfg.moe.top_k} experts): {meta['bytes_per_token']:.1f} bytes/token (goal <= 200)")
+        print(f"stored targets at k={K} with router targets ({teacher_cfg.num_moe_layers} MoE layers, the "
+              f"{meta['router_topk']} most probable experts of each): {meta['bytes_per_token']:.1f} bytes/token "
+              "(goal <= 200)")
         print(f"teacher-target pass: {meta['tokens_per_s']:,.0f} tokens/s")
         with_targets = concatenate_datasets([blocks, targets], axis=1).with_format("torch")
         source = ExportTeacher(export_model(teacher, teacher_cfg, Path(tmp) / "teacher"))
