@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import string
 import subprocess
 import sys
@@ -321,6 +322,23 @@ def test_distill_app_mixtral_teacher(checkpoints, text_file, hf_tokenizer, tmp_p
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["distill"]["teacher"]["path"] == str(path.resolve())
     check_hf_export(tmp_path / "export", tmp_path / "hf", "mixtral", hf_tokenizer)
+
+
+def test_distill_app_hf_teacher_importance_selection_and_router_kd(checkpoints, text_file, tmp_path):
+    """A Hugging Face teacher: a student with half its experts, chosen by importance on calibration batches,
+    trained with router KD (the teacher then runs as our GPT)."""
+    path = checkpoints["mixtral"]
+    run = run_app("distill", "teacher=hf", f"teacher.path={path}", *DATA, f"data.data_files={text_file}",
+                  "student.n_layers=2", "student.init=teacher", "student.num_experts=[2,2]",
+                  "student.expert_selection=importance", "student.calibration_batches=2", "kd.router_weight=0.5",
+                  "trainer=smoke", "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path}")
+    out = run.stdout + run.stderr
+    kept = re.findall(r"student block (\d): teacher block (\d)'s experts \[(\d), (\d)\] \(importance\)", out)
+    assert sorted(b for b, *_ in kept) == ["0", "1"], out[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert rows[0]["router_kd"] > 0 and rows[0]["kd"] > 0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["distill"]["expert_maps"] == {i: [int(a), int(b)] for i, (_, _, a, b) in enumerate(sorted(kept))}
 
 
 def test_pipeline_app_qwen2_moe_teacher_skips_pretraining(checkpoints, text_file, hf_tokenizer, tmp_path):
