@@ -281,6 +281,22 @@ def test_projection_for_different_widths(teacher, tmp_path):
     assert torch.equal(loaded.hidden_proj.weight, module.hidden_proj.weight)
 
 
+def test_projection_still_gets_a_gradient_after_the_stop_step(teacher, tmp_path):
+    """After the KD stop step the projection is unused; a zero term keeps a gradient on it (zeros), which DDP
+    needs: its reducer waits for every parameter it was built with."""
+    module = DistillModule(narrow_student(), OptimConfig(warmup_steps=1), KDSchedule(KDConfig(hidden_weight=1.0,
+                           stop_step=1), 3), teacher_loader=lambda: copy.deepcopy(teacher), teacher_cfg=teacher_cfg())
+    grads = []
+
+    class Grads(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            grads.append(pl_module.hidden_proj.weight.grad.clone())
+
+    trainer(tmp_path, 3, callbacks=[Grads()]).fit(module, train_dataloaders=DataLoader(RandomBlocks(), batch_size=4))
+    assert len(grads) == 3 and grads[0].abs().max() > 0  # KD on at step 0
+    assert module.teacher_released and all(g.abs().max() == 0 for g in grads[1:])
+
+
 def test_different_widths_without_teacher_architecture_is_an_error(teacher):
     module = make_module(teacher, narrow_student(), hidden_weight=1.0)
     with pytest.raises(ConfigError) as err:

@@ -193,6 +193,8 @@ class DistillModule(LazyTeacher, LMModule):
             for name in ("router_kd", "hidden_kd"):
                 if getattr(k, name.replace("_kd", "_weight")) > 0:
                     terms[name] = terms["ce"].new_zeros(())
+            if self.hidden_proj is not None:  # unused from now on: a zero term keeps DDP's reducer expecting it
+                terms["loss"] = terms["loss"] + 0.0 * sum(p.sum() for p in self.hidden_proj.parameters())
             self.log("teacher/ce", float("nan"))
         self.log("kd/weight", weight)
         self.log("kd/active", float(active))
