@@ -366,3 +366,29 @@ def test_preempted_job_resumes_from_checkpoint_in_the_same_wandb_run(preempted_s
     summary = json.loads((job / SUMMARY_FILE).read_text())
     assert summary["wandb_id"] == run_id and summary["first_step"] >= 2
     assert len(list((preempted_sweep / "1" / "wandb").glob("offline-run-*"))) == 1, "job 1 ran once"
+
+
+def test_wandb_run_whose_id_is_still_in_use_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A requeued job can start before the preempted process's wandb stream is closed ("run ID ... is in use"):
+    the logger waits and tries again; any other error is raised at once."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from distill.tracking.summary import StageSummary, StageWandbLogger
+
+    calls = []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("run ID abcd1234 is in use")
+        return "the run"
+
+    monkeypatch.setattr(WandbLogger, "experiment", property(flaky))
+    logger = StageWandbLogger(StageSummary(tmp_path, "pretrain", "abcd1234"), id="abcd1234", offline=True,
+                              save_dir=str(tmp_path))
+    logger.retry_seconds = (0.0, 0.0, 0.0)
+    logger._experiment = "started"  # not fresh: no summary metrics to define on the stand-in run
+    assert logger.experiment == "the run" and len(calls) == 3
+    monkeypatch.setattr(WandbLogger, "experiment", property(lambda self: (_ for _ in ()).throw(ValueError("other"))))
+    with pytest.raises(ValueError):
+        _ = logger.experiment

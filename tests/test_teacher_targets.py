@@ -76,7 +76,8 @@ def test_offline_and_online_kd_agree_when_k_covers_the_vocabulary(data: list[str
     assert abs(rows["online"][0]["ce"] - rows["offline"][0]["ce"]) <= 1e-6  # the same student, the same batch
 
     # a damaged shard is named, the run exits 2 and writes nothing
-    path = next(p for p in (Path(data[-1].split("=", 1)[1]) / "teacher_targets").iterdir() if f"k{vocab}" in p.name)
+    path = next(p for p in (Path(data[-1].split("=", 1)[1]) / "teacher_targets").iterdir()
+                if p.is_dir() and f"k{vocab}" in p.name)  # (beside it: its lock file)
     shard = sorted(path.glob("*.arrow"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     assert (path / META).is_file()
