@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,25 @@ from distill.tracking.summary import (
 )
 
 KINDS = ("wandb", "csv", "none")
+WANDB_SERVICE = "WANDB_SERVICE"  # wandb.env.SERVICE: the address of a running wandb-core service
+log = logging.getLogger(__name__)
+
+
+_OWN_SERVICE = False
+
+
+def own_wandb_service() -> None:
+    """A stage's wandb runs go through a service of its own process, started at its first run: a
+    WANDB_SERVICE token inherited from the process that launched this one (a launcher, a test runner that
+    used wandb itself) is dropped, once per process and before this process has used wandb. Sharing it, a
+    requeued job meets its preempted attempt's unclosed stream there ("run ID ... is in use"), and one job
+    tearing the service down would cut the others' runs."""
+    global _OWN_SERVICE
+    if _OWN_SERVICE:
+        return
+    _OWN_SERVICE = True
+    if os.environ.pop(WANDB_SERVICE, None) is not None:
+        log.info("wandb: not using the inherited service (%s); this process starts its own", WANDB_SERVICE)
 
 
 def make_stage_logger(lcfg: Any, out_dir: Path, stage: str, run_config: dict[str, Any]) -> Logger:
@@ -35,6 +56,7 @@ def make_stage_logger(lcfg: Any, out_dir: Path, stage: str, run_config: dict[str
     if lcfg.kind == "csv":
         return StageCSVLogger(summary, save_dir=str(out_dir), name="csv", version="")
     mode = wandb_mode(lcfg)
+    own_wandb_service()
     group = run_group(lcfg, job)
     config = dict(run_config)
     if job is not None:

@@ -7,9 +7,7 @@ Every logged metric also goes into the stage's :class:`StageSummary`, rewritten 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,6 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from distill.tracking.files import json_value, scalar, write_atomic
-
-log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 # wandb summaries (define_metric): the best validation loss is its minimum, the rest their final value.
@@ -112,21 +108,10 @@ class StageWandbLogger(SummarisedMixin, WandbLogger):
         super().__init__(**kwargs)
         self.summary = summary
 
-    retry_seconds = (1.0, 2.0, 4.0, 8.0, 15.0)  # waits before each new attempt of a run whose id is in use
-
     @property
     def experiment(self) -> Any:
         fresh = self._experiment is None
-        for wait in (*self.retry_seconds, None):
-            try:
-                run = super().experiment
-                break
-            except Exception as err:  # a requeued job: the preempted process's stream may still hold the id
-                if wait is None or "is in use" not in str(err):
-                    raise
-                log.warning("wandb: run id %s still in use (a preempted process closing it?); retrying in %.0f s",
-                            self._id, wait)
-                time.sleep(wait)
+        run = super().experiment
         if fresh and rank_zero_only.rank == 0 and self._experiment is not None:
             for name, summary in SUMMARIES.items():
                 run.define_metric(name, summary=summary)
