@@ -183,7 +183,7 @@ class _SparseKD(torch.autograd.Function):
                 if not in_place:
                     z.index_copy_(0, idx, q.to(z.dtype))
         n_kd = max(rows.numel(), 1)
-        n_ce = max(int(ce_ok.sum().item()), 1) if with_ce else 1
+        n_ce = ce_ok.sum().clamp(min=1.0)  # a tensor: no host sync in the training step
         t2 = temperature * temperature
         if need_grad:
             ctx.save_for_backward(z, q1, coef, h_k, q_k, ce_ok, ids, targets if with_ce else None)
