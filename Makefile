@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 ARGS   ?=
 
-.PHONY: setup run run-vl test lint bench clean
+.PHONY: setup run run-vl test lint bench science clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,14 @@ lint: setup
 
 bench: setup
 	$(PY) -m distill.bench $(ARGS)
+
+# The DeepSpeed-MoE paper's claims, 3 seeds (conf/sweep/paper_claims.yaml): one job per seed, on the local
+# submitit launcher by default (the seeds at once, one torch thread each: about an hour on 2 CPU cores);
+# LAUNCHER=submitit_slurm submits them to a SLURM cluster (more launcher keys through ARGS).
+LAUNCHER ?= submitit_local
+science: setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m distill.pipeline -m +sweep=paper_claims \
+		hydra/launcher=$(LAUNCHER) hydra.launcher.timeout_min=300 $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -25,6 +25,7 @@ from distill.kd import KDConfig
 from distill.models.config import ModelConfig
 from distill.models.vl_config import VLMoEConfig
 from distill.parallel.config import ParallelConfig, TeacherParallelConfig
+from distill.study import StudyConfig
 from distill.vl.config import DownstreamConfig, VLStudentConfig, VLTeacherConfig
 from distill.vl.masking import MaskingConfig
 from students.config import StudentConfig
@@ -205,7 +206,7 @@ class DistillConfig(RunConfig):
 
 @dataclass
 class PipelineConfig(DistillConfig):
-    """``python -m distill.pipeline`` (``make run``): teacher -> three students -> report."""
+    """``python -m distill.pipeline`` (``make run``): teacher -> baselines and students (`study`) -> report."""
 
     model: ModelConfig = field(default_factory=ModelConfig)  # the teacher's architecture, when pretrained
     teacher_max_steps: Optional[int] = None  # None -> trainer.max_steps
@@ -214,6 +215,8 @@ class PipelineConfig(DistillConfig):
     # test-split perplexity and the own lm-eval task's accuracy for every model in the report (distill/evaluate);
     # off by default: it adds minutes to `make run` on a CPU
     evaluate: bool = False
+    test_loss: bool = False  # the test-split loss of every model (all test blocks; implied by evaluate)
+    study: StudyConfig = field(default_factory=StudyConfig)  # baselines and students (conf/study/, distill/study.py)
     stage: str = "pipeline"
     task: str = "lm"  # conf/task/: lm (this schema) or vl (VLPipelineConfig)
 

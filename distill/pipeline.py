@@ -1,13 +1,15 @@
 """Hydra app behind `make run`: the whole recipe on one machine, then a report (`task=vl`: the VL-MoE
 pipeline of distill/vl/pipeline.py instead).
 
-    teacher (pretrained, or teacher.path)  ->  student_staged_kd  (kd as configured: KD until kd.stop_*)
-                                           ->  student_no_kd      (kd=none: the same student, CE only)
-                                           ->  student_full_kd    (kd=full: KD all the way)
+    teacher (pretrained, or teacher.path)  ->  baselines of the study (pretrained like the teacher; compared)
+                                           ->  the study's students, e.g. (study=default, `make run`):
+                                               student_staged_kd  (kd as configured: KD until kd.stop_*)
+                                               student_no_kd      (kd=none: the same student, CE only)
+                                               student_full_kd    (kd=full: KD all the way)
     -> report.md / report.json / val_loss.png in the run directory (and a wandb "report" run)
 
-Each student's KD schedule is built by distill/resolve.py from the config group it names
-(`PIPELINE_STUDENTS`), all before the first stage runs.
+The study (`study` node, conf/study/, distill/study.py) is resolved by distill/resolve.py, every student's
+schedule and architecture before the first stage runs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def run_pipeline(spec: RunSpec) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from distill.data import format_stats
-    from distill.evaluate import generation_tokens_per_s
+    from distill.evaluate import generation_speed
     from distill.report import markdown_table, write_report
     from distill.runinfo import write_run_info
     from distill.stage import distill_stage, prepare_data, pretrain_stage, run_stage
@@ -54,40 +56,75 @@ def run_pipeline(spec: RunSpec) -> dict[str, Any]:
         teacher = ExportTeacher(t["export_dir"])
     else:
         t = {}
-    model = teacher.as_gpt()
-    t["gen_tokens_per_s"] = generation_tokens_per_s(model, dm.vocab_size, settings.gen_tokens, settings.gen_batch)
     evaluate = settings.evaluate and rank_zero_only.rank == 0
-    if evaluate:  # evaluate=true: test perplexity and the own lm-eval task (distill/evaluate/pipeline_eval.py)
-        from distill.evaluate.pipeline_eval import evaluate_for_report
+    batch = dm.cfg.eval_batch_size or dm.cfg.batch_size
 
-        t.update(evaluate_for_report(model, "teacher", dm, out_dir, dm.cfg.eval_batch_size or dm.cfg.batch_size))
+    def figures(model: Any, name: str) -> dict[str, Any]:
+        """Generation speed (median of timed runs after a warm-up, and their spread); with evaluate=true test perplexity + the own lm-eval task
+        (distill/evaluate/pipeline_eval.py), else with test_loss=true the test perplexity alone."""
+        g = generation_speed(model, dm.vocab_size, settings.gen_tokens, settings.gen_batch)  # warm-up, median of 5
+        out = {"gen_tokens_per_s": g["median"], "gen_tokens_per_s_spread": g["spread"]}
+        if evaluate:
+            from distill.evaluate.pipeline_eval import evaluate_for_report
+
+            out.update(evaluate_for_report(model, name, dm, out_dir, batch))
+        elif settings.test_loss:
+            from distill.evaluate.perplexity import perplexity
+
+            ppl = perplexity(model, dm.blocks["test"], batch, next(model.parameters()).device)
+            out.update(test_loss=ppl["loss"], test_ppl=ppl["ppl"])
+        return out
+
+    model = teacher.as_gpt()
+    t.update(figures(model, "teacher"))
     models["teacher"] = t
     del model
-
     curves: dict[str, list[tuple[int, float]]] = {}
-    for name, schedule in spec.students.items():
-        s_spec = spec.stage_spec(name, out_dir / name, teacher=teacher, kd=schedule)
-        s, module = run_stage(s_spec, distill_stage(s_spec), dm)
-        s["gen_tokens_per_s"] = generation_tokens_per_s(module.model, dm.vocab_size, settings.gen_tokens,
-                                                        settings.gen_batch)
-        curves[name] = s.pop("val_history")
-        if evaluate:
-            s.update(evaluate_for_report(module.model, name, dm, out_dir, dm.cfg.eval_batch_size or dm.cfg.batch_size))
-        models[name] = s
+    for name, arch in spec.baselines.items():  # pretrained for the teacher's steps, compared in the report
+        b_spec = spec.stage_spec(name, out_dir / name, model=arch,
+                                 trainer=replace(spec.trainer, max_steps=settings.teacher_max_steps))
+        b, module = run_stage(b_spec, pretrain_stage(b_spec), dm)
+        curves[name] = b.pop("val_history")
+        models[name] = {**b, **figures(module.model, name)}
         del module
 
-    staged, no_kd = models["student_staged_kd"]["val_loss"], models["student_no_kd"]["val_loss"]
-    notes = [
-        f"staged KD {'beat' if staged < no_kd else 'did not beat'} no KD: val loss {staged:.4f} vs {no_kd:.4f}.",
-        f"KD stopped at step {models['student_staged_kd'].get('kd_stop_step')} of {spec.trainer.max_steps}.",
-    ]
+    for name, plan in spec.students.items():
+        s_spec = spec.stage_spec(name, out_dir / name, teacher=teacher, kd=plan.schedule, student=plan.model,
+                                 student_init=plan.init)
+        s, module = run_stage(s_spec, distill_stage(s_spec), dm)
+        curves[name] = s.pop("val_history")
+        models[name] = {**s, **figures(module.model, name)}
+        del module
+
+    notes = pipeline_notes(models, spec)
     if rank_zero_only.rank != 0:  # under DDP every rank runs the stages; one writes the report
         return models
-    stop = models["student_staged_kd"].get("kd_stop_step")
-    paths = write_report(out_dir, models, curves, notes, {"KD stop (staged)": stop} if stop else None)
+    stops = {f"KD stop ({n})": m["kd_stop_step"] for n, m in models.items()
+             if m.get("kd_stop_step") and m["kd_stop_step"] < spec.trainer.max_steps}  # marked when only one
+    paths = write_report(out_dir, models, curves, notes, stops if len(stops) == 1 else None)
     log_pipeline_report(spec.logger, spec.run_config, out_dir, models, paths)
     print("\n" + markdown_table(models) + "\n" + "\n".join(notes) + f"\nreport: {paths['md']}", flush=True)
     return models
+
+
+def pipeline_notes(models: dict[str, dict[str, Any]], spec: RunSpec) -> list[str]:
+    """The report's sentences: how each KD student did against the same student without KD (a student whose
+    schedule never runs KD and whose architecture and init are the same), and where KD stopped."""
+    notes = []
+    plans = spec.students
+    for name, plan in plans.items():
+        if not plan.schedule.uses_teacher or "val_loss" not in models.get(name, {}):
+            continue
+        ref = next((n for n, p in plans.items() if not p.schedule.uses_teacher and p.model == plan.model
+                    and p.init == plan.init and "val_loss" in models.get(n, {})), None)
+        stop = plan.schedule.stop_step
+        when = "KD all the way" if stop is None or stop >= spec.trainer.max_steps else f"KD stopped at step {stop} of {spec.trainer.max_steps}"
+        if ref is None:
+            notes.append(f"{name}: {when}, val loss {models[name]['val_loss']:.4f}.")
+            continue
+        a, b = models[name]["val_loss"], models[ref]["val_loss"]
+        notes.append(f"{name} ({when}) {'beat' if a < b else 'did not beat'} {ref}: val loss {a:.4f} vs {b:.4f}.")
+    return notes
 
 
 register_configs()

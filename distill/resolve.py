@@ -31,12 +31,10 @@ from distill.hydra_errors import CONF_DIR, check_known_keys
 from distill.kd import KDConfig, KDSchedule
 from distill.layout import resolve_strategy
 from distill.models.config import ModelConfig
+from distill.study import StudentPlan, resolve_study
 from students.config import StudentConfig
 from students.mos import derive_student
 from teachers.base import TeacherSource
-
-# The pipeline's students: the KD group each one trains with (None: `kd` as configured).
-PIPELINE_STUDENTS = {"student_staged_kd": None, "student_no_kd": "none", "student_full_kd": "full"}
 
 
 @dataclass
@@ -45,6 +43,7 @@ class PipelineSettings:
     gen_tokens: int
     gen_batch: int
     evaluate: bool = False  # test perplexity + the own lm-eval task per model (distill/evaluate/pipeline_eval.py)
+    test_loss: bool = False  # test perplexity per model (implied by evaluate)
 
 
 @dataclass
@@ -69,7 +68,8 @@ class RunSpec:
     student: ModelConfig | None = None  # derived from the teacher's architecture
     student_init: StudentConfig | None = None
     kd: KDSchedule | None = None
-    students: dict[str, KDSchedule] = field(default_factory=dict)  # pipeline: each student's schedule
+    students: dict[str, StudentPlan] = field(default_factory=dict)  # pipeline: the study's students
+    baselines: dict[str, ModelConfig] = field(default_factory=dict)  # pipeline: models pretrained beside the teacher
     pipeline: PipelineSettings | None = None
     vl: Any = None  # task=vl: distill.vl.resolve.VLSettings (data is then a VLDataConfig, model a VLMoEConfig)
 
@@ -82,8 +82,8 @@ class RunSpec:
                 config["kd"] = dataclasses.asdict(value.cfg)
             elif isinstance(value, TeacherSource):
                 config["teacher"] = {**config.get("teacher", {}), "path": value.identity().path}
-            elif dataclasses.is_dataclass(value):
-                config[key] = dataclasses.asdict(value)
+            elif dataclasses.is_dataclass(value):  # the `student` node is the student's init; its architecture aside
+                config[{"student_init": "student", "student": "student_arch"}.get(key, key)] = dataclasses.asdict(value)
         return replace(self, stage=stage, out_dir=out_dir, run_config=config, **changes)
 
 
@@ -160,8 +160,6 @@ def resolve(cfg: DictConfig, app: str) -> RunSpec:
     if app in ("distill", "pipeline", "teacher_targets"):
         if app != "pipeline":
             spec.kd = kd_group(cfg.kd, None, trainer.max_steps)
-        else:
-            spec.students = {name: kd_group(cfg.kd, group, trainer.max_steps) for name, group in PIPELINE_STUDENTS.items()}
         if app != "pipeline" or cfg.teacher.path is not None:
             spec.teacher = instantiate_teacher(cfg.teacher)
             teacher_arch = spec.teacher.architecture()
@@ -171,6 +169,10 @@ def resolve(cfg: DictConfig, app: str) -> RunSpec:
         spec.student_init = _node(cfg, "student").validate()
         spec.student = derive_student(architectures[0], spec.student_init)  # depth, experts, top_k vs experts
         architectures.append(spec.student)
+        if app == "pipeline":  # the study's students and baselines (distill/study.py, conf/study/)
+            spec.students, spec.baselines = resolve_study(cfg.study, cfg.kd, spec.student_init, architectures[0],
+                                                          trainer.max_steps, kd_group)
+            architectures += [p.model for p in spec.students.values()] + list(spec.baselines.values())
     if app == "pipeline":
         spec.pipeline = _pipeline_settings(cfg, trainer)
     teacher_parallel = _node(cfg, "teacher").parallel.layout() if "teacher" in cfg else None
@@ -192,5 +194,5 @@ def _pipeline_settings(cfg: DictConfig, trainer: TrainerConfig) -> PipelineSetti
         if cfg[key] < 1:
             raise ConfigError(key, f"must be >= 1, got {cfg[key]}.", f"e.g. {key}=4.")
     return PipelineSettings(cfg.teacher_max_steps or trainer.max_steps, cfg.gen_tokens, cfg.gen_batch,
-                            evaluate=bool(cfg.get("evaluate", False)))
+                            evaluate=bool(cfg.get("evaluate", False)), test_loss=bool(cfg.get("test_loss", False)))
 

@@ -153,6 +153,7 @@ def run_stage(spec: RunSpec, stage: Stage, dm: LMDataModule | None = None) -> tu
         "train_tokens_per_s": float(throughput.tokens_per_s),
         "params_total": module.model.num_params(),
         "params_active": module.model.num_active_params(),
+        "params_experts": expert_params(module.model),
         **module.stage_figures(),
     }
     summary["export_dir"] = str(out_dir / "export")
@@ -167,3 +168,11 @@ def run_stage(spec: RunSpec, stage: Stage, dm: LMDataModule | None = None) -> tu
     finish_stage_logger(logger, summary)
     summary["val_history"] = module.val_history
     return summary, module
+
+
+def expert_params(model: torch.nn.Module) -> int:
+    """The routed experts' parameters of every MoE layer (all experts, also those held on other ranks)."""
+    from distill.moe import MoELayer
+
+    return sum(m.num_experts * sum(p.numel() for p in m.experts.parameters()) // m.experts.num_local_experts
+               for m in model.modules() if isinstance(m, MoELayer))

@@ -211,6 +211,10 @@ def write_sweep_report(sweep_dir: Path, metric: str = "val_loss", x: str | None 
     if common:
         md += ["Common overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items()), ""]
     md += [table, "", f"![{metric} vs {x or 'run'}]({png.name})", ""]
+    from distill.claims import study_claims, write_claims
+
+    if study_claims(sweep_dir) == "paper":  # conf/study/paper_claims.yaml: mean +- std per model, each claim checked
+        md += [write_claims(sweep_dir)["md"]]
     (sweep_dir / f"{REPORT}.md").write_text("\n".join(md))
     payload = {"sweep_dir": str(sweep_dir), "metric": metric, "x": x, "swept": swept, "common": common,
                "runs": [{"job": r.job, "stage": r.stage, "status": r.status, "overrides": r.overrides,

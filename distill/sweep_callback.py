@@ -1,14 +1,18 @@
 """The Hydra callback of the apps (``hydra.callbacks.sweep``) that keeps cluster sweeps consistent.
 
 :class:`SweepCallback` checks a submitit launcher against the trainer before any job is submitted
-(`check_launcher`), sets up torch.distributed for multi-task local jobs (`export_local_task_env`), and
-writes the sweep report (`distill.sweep.write_sweep_report`) when a multirun ends.
+(`check_launcher`), sets up torch.distributed for multi-task local jobs (`export_local_task_env`), keeps a
+task that SLURM terminates from reporting a result (`watch_slurm_termination`), and writes the sweep report
+(`distill.sweep.write_sweep_report`) when a multirun ends.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +27,35 @@ log = logging.getLogger(__name__)
 class SweepCallback(Callback):
     """Hydra callback of the apps (``hydra.callbacks.sweep``); harmless outside submitit sweeps."""
 
+    _sigterm: tuple[threading.Event, Any] | None = None  # in a SLURM task: (received, the handler replaced)
+
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         # Hydra turns a callback's exception into a warning; a SystemExit stops the sweep before any job.
         exit_on_config_error(check_launcher)(config)
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         export_local_task_env()
+        self._sigterm = watch_slurm_termination()
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        """A task that SLURM sent SIGTERM (requeue, preemption, cancellation) exits here without a result.
+
+        SLURM signals every process of the job step, wandb's service among them, so the interrupted job
+        usually ends in an exception; submitit would pickle it as the job's result and the sweep would fail
+        at once, although SLURM runs the job again and the next attempt resumes from its checkpoint (seen
+        with `scontrol requeue`). Without a result, submitit waits for the next attempt's (or reports the
+        job cancelled)."""
+        if self._sigterm is None:
+            return
+        (received, previous), self._sigterm = self._sigterm, None
+        signal.signal(signal.SIGTERM, previous)
+        if received.is_set():
+            log.warning("SLURM terminated this task (requeue, preemption or cancellation): no result reported "
+                        "(job status %s)", getattr(job_return, "status", None))
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGTERM)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -67,6 +94,26 @@ def check_launcher(cfg: Any) -> None:
     if requeues and cfg.get("resume") != "auto":
         raise ConfigError("resume", f"jobs of this launcher may be requeued, but resume={cfg.get('resume')}: a "
                           "requeued job would start again from step 0.", "set resume=auto.")
+
+
+def watch_slurm_termination() -> tuple[threading.Event, Any] | None:
+    """In a SLURM task: an event set when SIGTERM arrives, and the handler it replaced (submitit's, which logs
+    and ignores it), which still runs; Lightning's handler, installed during fit, calls this one."""
+    if "SLURM_JOB_ID" not in os.environ or threading.current_thread() is not threading.main_thread():
+        return None
+    received, previous = threading.Event(), signal.getsignal(signal.SIGTERM)
+    previous = signal.SIG_DFL if previous is None else previous  # None: a handler not installed from Python
+
+    def handler(signum: int, frame: Any) -> None:
+        received.set()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # terminate, as without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return received, previous
 
 
 def export_local_task_env() -> None:

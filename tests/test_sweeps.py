@@ -115,6 +115,7 @@ def test_multirun_refuses_an_inconsistent_launcher_before_submitting(tmp_path):
         ("distill", "kd_temperature_weight", {"kd.temperature": "1.0,2.0,4.0", "kd.kd_weight": "0.5,1.0,2.0"}),
         ("distill", "student_depth", {"student.depth_ratio": "0.5,0.75,0.875,1.0"}),
         ("pretrain", "pyramid", {"model.num_experts": "[8,8],[4,8],[2,8],[8,4]"}),
+        ("pipeline", "paper_claims", {"seed": "0,1,2"}),
     ],
 )
 def test_sweep_configs(app, sweep, swept):
