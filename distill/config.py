@@ -106,6 +106,9 @@ class OptimConfig:
     aux_coef: float = 0.01  # MoE load-balancing loss coefficient (DeepSpeed-MoE: 0.01)
     z_coef: float = 0.001  # router z-loss coefficient
     tile_size: Optional[int] = None  # elements per tile of the AdamW step (TiledAdamW); null: torch's AdamW
+    # training loss from the hidden states by the fused, chunked LM head (distill/kd/fused.py): the full
+    # [tokens x vocabulary] logits never exist; False (or a DTensor head: tp, FSDP) builds them (exact either way)
+    fused_head: bool = True
 
     def validate(self) -> OptimConfig:
         if not 0 < self.lr < math.inf:
@@ -124,6 +127,8 @@ class OptimConfig:
             if not 0 <= getattr(self, key) < math.inf:
                 raise ConfigError(f"optim.{key}", f"must be >= 0 and finite, got {getattr(self, key)}.",
                                   "0 turns it off.")
+        if not isinstance(self.fused_head, bool):
+            raise ConfigError("optim.fused_head", f"must be true or false, got {self.fused_head!r}.", "e.g. true.")
         tile = self.tile_size
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
             raise ConfigError("optim.tile_size", f"must be null or an int >= 1 (elements), got {tile!r}.",

@@ -334,7 +334,7 @@ def test_rows_without_internal_terms(teacher, tmp_path):
     path = tmp_path / "losses.jsonl"
     trainer(tmp_path, 2, callbacks=[StepLossRecorder(path)]).fit(
         module, train_dataloaders=DataLoader(RandomBlocks(), batch_size=4))
-    assert seen and all(kw == {} for kw in seen)
+    assert seen and all(kw == {"return_logits": False} for kw in seen)  # the fused head: hidden states, no logits
     rows = read_loss_rows(path)
     assert len(rows) == 2 and all("router_kd" not in r and "hidden_kd" not in r for r in rows)
     assert {"router_kd", "hidden_kd"} <= set(LOSS_TERMS)

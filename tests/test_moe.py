@@ -386,6 +386,67 @@ def test_grouped_mm_equals_loop(activation: str) -> None:
     assert outs[0][2][1].abs().sum() == 0  # the empty expert gets a zero gradient
 
 
+@pytest.mark.parametrize("threads,dtype", [(1, torch.float64), (3, torch.float32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_expert_kernel_equals_loop(threads: int, dtype: torch.dtype, bias: bool) -> None:
+    """The CPU kernel (one mm per expert: on 1 thread where grouped_mm does not apply, e.g. float64; with
+    several intra-op threads, experts on worker threads of one thread each) gives the loop reference's
+    outputs and gradients, empty experts and an expanded gradient too."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(6, D, F_HIDDEN, "swiglu" if bias else "gelu", bias=bias).to(dtype)
+    experts.init_weights(0.3, 0.3)
+    if bias:
+        torch.nn.init.normal_(experts.b_in)
+        torch.nn.init.normal_(experts.b_out)
+    loop = copy.deepcopy(experts)
+    loop.use_grouped_mm = False
+    counts = torch.tensor([5, 0, 9, 1, 0, 7])
+    x = torch.randn(int(counts.sum()), D, dtype=dtype, requires_grad=True)
+    g = torch.randn(x.shape, dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = []
+        for module in (experts, loop):
+            y = module(x, counts)
+            params = [x, *module.parameters()]
+            outs.append((y, *torch.autograd.grad((y * g).sum(), params)))
+            outs[-1] += torch.autograd.grad(module(x, counts).sum(), params)  # stride-0 gradient
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert outs[0][2][1].abs().sum() == 0 and outs[0][2].abs().sum() > 0  # the empty expert: zero gradient
+
+
+def test_layer_with_threaded_experts_matches_reference() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_matches_reference(make_layer(top_k=2, dropless=True, expert_bias=True, activation="swiglu"))
+        assert_matches_reference(make_layer(top_k=2, capacity_factor=0.75, min_capacity=1))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threaded_experts_under_inference_mode() -> None:
+    """A frozen teacher runs under inference mode: the worker threads take it over (it is per thread), so they
+    may write the inference-mode outputs; the result equals a plain forward's."""
+    layer = make_layer(num_experts=6, top_k=2, dropless=True)
+    x = torch.randn(40, D)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            ref = layer(x)[0]
+        with torch.inference_mode():
+            out = layer(x)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert out.is_inference()
+    torch.testing.assert_close(out, ref)
+
+
 def test_bfloat16_autocast_runs() -> None:
     layer = make_layer(top_k=2, residual=True)
     x = torch.randn(24, D, requires_grad=True)

@@ -14,6 +14,9 @@ rough figure; on a real cluster the saving is in latency per message across node
 and without duplicate token dropping (`parallel.drop_duplicate_tokens`; goal: divided by tp), and the
 tensor-parallel collectives the experts add instead (all-reduce without dropping; all-gather and
 reduce-scatter with it).
+
+Recorded (`distill.bench.record`): the message and byte ratios (exact counts: one sample each) and each
+layout's step time, rank 0's, one sample per timed step (`--reps N`: N steps, default 4).
 """
 
 from __future__ import annotations
@@ -74,38 +77,46 @@ def worker(steps: int) -> None:
         dist.all_reduce(counts)
         counts /= world
         results[name] = {"messages": counts[0].item(), "bytes": counts[1].item(), "ms": 1000 * statistics.median(times[1:]),
+                         "times_ms": [1000 * t for t in times[1:]],
                          **{k: counts[2 + i].item() for i, k in enumerate(kinds)}}
     if rank == 0:
         print(json.dumps(results), flush=True)
     dist.destroy_process_group()
 
 
-def main(steps: int = 4) -> None:
+def main(steps: int | None = None) -> None:
+    from distill.bench import fmt, record, reps
     from distill.parallel.launch import run_ranks
 
+    steps = reps(4) if steps is None else steps
     results = run_ranks([sys.executable, "-m", "distill.bench.alltoall", "--worker", str(steps)], 4, timeout=600)
     bad = [(code, out[-2000:]) for code, out in results if code != 0]
     if bad:
-        raise SystemExit(f"all-to-all bench failed: {bad[0][1]}")
+        raise RuntimeError(f"all-to-all bench failed: {bad[0][1]}")
     res = json.loads([ln for ln in results[0][1].splitlines() if ln.startswith("{")][-1])
     print("ep=4 on 4 gloo ranks as 2 simulated nodes x 2 ranks; 2 MoE layers of 8 experts, top-2, 512 tokens per rank;")
     print("per rank per training step, crossing the node boundary, in the forward dispatch of each MoE layer (the combine")
     print("and the two backward exchanges move the same rows back: 4x these per step):")
-    print(f"  {'all-to-all':14s} {'messages':>9s} {'bytes':>12s} {'step ms':>9s}")
+    print(f"  {'all-to-all':14s} {'messages':>9s} {'bytes':>12s} {'step ms':>22s}")
     flat, hier = res["flat"], res["hierarchical"]
     for name in ("flat", "hierarchical"):
         r = res[name]
-        print(f"  {name:14s} {r['messages']:9.1f} {r['bytes']:12,.0f} {r['ms']:9.1f}")
+        record(f"{name} step ms (ep=4, 4 gloo ranks)", r["times_ms"], unit="ms")
+        print(f"  {name:14s} {r['messages']:9.1f} {r['bytes']:12,.0f} {fmt(r['times_ms'], 1):>22s}")
+    record("hierarchical / flat: cross-node messages", [hier["messages"] / flat["messages"]], goal="<= 0.50")
+    record("hierarchical / flat: cross-node bytes", [hier["bytes"] / flat["bytes"]], goal="1.00 +- 0.01")
     print(f"  hierarchical / flat: messages {hier['messages'] / flat['messages']:.2f}x (goal: 1/ranks per node = 0.50), "
           f"bytes {hier['bytes'] / flat['bytes']:.2f}x (the same rows must cross)")
     print()
     print("tp=2 x ep=2 on the same 4 ranks (a tp pair shares 4 sequences); per rank per training step, forward dispatches:")
     print(f"  {'':26s} {'all-to-all bytes':>17s} {'tp all-reduce':>14s} {'tp all-gather':>14s} {'tp reduce-scat.':>16s} "
-          f"{'step ms':>8s}")
+          f"{'step ms':>22s}")
     drop, keep = res["tp=2 x ep=2, dropping"], res["tp=2 x ep=2, no dropping"]
     for name, r in (("no dropping", keep), ("duplicate tokens dropped", drop)):
         print(f"  {name:26s} {r['bytes']:17,.0f} {r.get('tp_all_reduce', 0):14,.0f} {r.get('tp_all_gather', 0):14,.0f} "
-              f"{r.get('tp_reduce_scatter', 0):16,.0f} {r['ms']:8.1f}")
+              f"{r.get('tp_reduce_scatter', 0):16,.0f} {fmt(r['times_ms'], 1):>22s}")
+        record(f"tp=2 x ep=2, {name}: step ms", r["times_ms"], unit="ms")
+    record("tp=2 x ep=2, dropping / no dropping: all-to-all bytes", [drop["bytes"] / keep["bytes"]], goal="<= 0.50")
     print(f"  dropping / no dropping, all-to-all bytes: {drop['bytes'] / keep['bytes']:.2f}x (goal: 1/tp = 0.50)")
 
 

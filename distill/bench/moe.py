@@ -2,8 +2,10 @@
 
 For T tokens, width d, expert hidden f, E experts and top-k, the dense baseline is an FFN of hidden
 size k*f on the same tokens (same FLOPs as the routed experts, so about 1.0 is the physical limit).
-Compared: the MoE layer (dropless, grouped_mm and loop paths; and with capacity factor 1.25) and the
-one-hot einsum (GShard-style) dispatch of older systems with capacity factor 1.25, as the baseline to beat.
+Compared: the MoE layer (dropless, with its CPU expert kernel and with the loop reference; and with capacity
+factor 1.25) and the one-hot einsum (GShard-style) dispatch of older systems with capacity factor 1.25, as the
+baseline to beat. Each MoE / dense ratio is recorded (`distill.bench.record`) with one sample per interleaved
+round (`--reps N`: N rounds, default 10); the MoE layer's has the goal "<= 1.15".
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from distill.bench import median_ratio, time_interleaved
+from distill.bench import fmt, ratios, record, reps, time_interleaved
 from distill.moe import MLP, MoEConfig, MoELayer
 from distill.moe.experts import activate
 
@@ -46,8 +48,8 @@ def einsum_moe(layer: MoELayer, x: torch.Tensor, capacity_factor: float) -> torc
     return torch.einsum("tec,ecd->td", combine, torch.bmm(h, layer.experts.w_out))
 
 
-def bench_case(num_experts: int, k: int, reps: int, clock: Callable[[], float]) -> dict[str, float]:
-    """Ratios to the dense FFN (median over interleaved rounds) for one (E, k)."""
+def bench_case(num_experts: int, k: int, rounds: int, clock: Callable[[], float]) -> dict[str, object]:
+    """Ratios to the dense FFN for one (E, k): per interleaved round (lists), and the dense / MoE times."""
     torch.manual_seed(0)
     x = torch.randn(T, D, requires_grad=True)
     grad = torch.randn(T, D)
@@ -79,29 +81,32 @@ def bench_case(num_experts: int, k: int, reps: int, clock: Callable[[], float]) 
         "loop": lambda: moe_step(loop),
         "capped": lambda: moe_step(capped),
     }
-    times = time_interleaved(fns, reps=reps, warmup=2, setup=clear_grads, clock=clock)
+    times = time_interleaved(fns, reps=rounds, warmup=2, setup=clear_grads, clock=clock)
     # the einsum baseline is several times slower: fewer rounds, paired with its own dense runs
     slow = time_interleaved(
         {"dense": dense_step, "einsum": lambda: einsum_moe(capped, x, CAPACITY_FACTOR).backward(grad)},
-        reps=max(3, reps // 3),
+        reps=max(3, rounds // 3),
         warmup=1,
         setup=clear_grads,
         clock=clock,
     )
     with torch.no_grad():
         drop = capped(x)[1].drop_fraction.item()
-    row = {"dense_ms": 1e3 * statistics.median(times["dense"]), "drop": drop}
+    row: dict[str, object] = {"dense_ms": 1e3 * statistics.median(times["dense"]), "drop": drop}
     row["moe_ms"] = 1e3 * statistics.median(times["moe"])
     for name in ("moe", "loop", "capped"):
-        row[name] = median_ratio(times[name], times["dense"])
-    row["einsum"] = median_ratio(slow["einsum"], slow["dense"])
+        row[name] = ratios(times[name], times["dense"])
+    row["einsum"] = ratios(slow["einsum"], slow["dense"])
     return row
 
 
-def main(reps: int = 10) -> None:
+def main(rounds: int | None = None) -> None:
+    rounds = reps(10) if rounds is None else rounds
     print(f"MoE layer fwd+bwd / dense FFN (hidden k*f) fwd+bwd, T={T} d={D} f={F_HIDDEN}, GELU experts;")
-    print(f"ratio = median over {reps} interleaved rounds (einsum: {max(3, reps // 3)}) after warm-up")
-    print("  moe    = MoE layer, dropless, grouped_mm        loop   = same, argsort+split+unbind loop")
+    print(f"ratio = median over {rounds} interleaved rounds (einsum: {max(3, rounds // 3)}) after warm-up; "
+          "moe: median (farthest round from it, rounds)")
+    print("  moe    = MoE layer, dropless, CPU expert kernel  loop   = same, argsort+split+unbind loop")
+    print("           (one mm per expert; with 2+ threads, experts side by side on 1-thread workers)")
     print(
         f"  capped = MoE layer, capacity factor {CAPACITY_FACTOR}      einsum = one-hot GShard dispatch, same cf"
     )
@@ -114,18 +119,21 @@ def main(reps: int = 10) -> None:
         torch.set_num_threads(threads)
         clock = time.thread_time if threads == 1 else time.perf_counter
         header = (
-            f"{'threads':>7} {'E':>3} {'k':>2} {'dense ms':>9} {'moe ms':>7} {'moe':>6} {'loop':>6} "
+            f"{'threads':>7} {'E':>3} {'k':>2} {'dense ms':>9} {'moe ms':>7} {'moe':>22} {'loop':>6} "
             f"{'capped':>7} {'drop%':>6} {'einsum':>7} {'load':>5}"
         )
         print(header)
         print("-" * len(header))
         for num_experts in EXPERTS:
             for k in TOP_K:
-                r = bench_case(num_experts, k, reps, clock)
+                r = bench_case(num_experts, k, rounds, clock)
+                case = f"E={num_experts} k={k}, {threads} thread{'s' if threads > 1 else ''}"
+                record(f"MoE / dense fwd+bwd, {case}", r["moe"], goal="<= 1.15")
+                med = {name: record(f"{name} / dense fwd+bwd, {case}", r[name]) for name in ("loop", "capped", "einsum")}
                 print(
                     f"{threads:>7} {num_experts:>3} {k:>2} {r['dense_ms']:>9.1f} {r['moe_ms']:>7.1f} "
-                    f"{r['moe']:>6.2f} {r['loop']:>6.2f} {r['capped']:>7.2f} {100 * r['drop']:>6.1f} "
-                    f"{r['einsum']:>7.2f} {os.getloadavg()[0]:>5.1f}",
+                    f"{fmt(r['moe'], 2):>22} {med['loop']:>6.2f} {med['capped']:>7.2f} {100 * r['drop']:>6.1f} "
+                    f"{med['einsum']:>7.2f} {os.getloadavg()[0]:>5.1f}",
                     flush=True,
                 )
     torch.set_num_threads(default_threads)

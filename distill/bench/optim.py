@@ -12,6 +12,9 @@ of the largest tensor plus the previous tensor's quotient, still referenced (3 *
 tiled, two tiles. The children run one compute thread: memory does not depend on it, and on a loaded
 machine every op split over threads waits milliseconds for a descheduled thread, hundreds of times a
 step when tiled. The step times printed are that one thread's (median of the repeats).
+
+Recorded (`distill.bench.record`): for each E, the untiled and tiled peaks (MiB) and step times (ms) of every
+repeat in the child (`--reps N`: N repeats, default 3).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import sys
 import time
 
 import torch
+
+from distill.bench import fmt, record, reps
 
 D = F_HIDDEN = 256
 EXPERTS = (8, 32, 128)
@@ -51,7 +56,7 @@ def build(num_experts: int) -> torch.nn.Module:
     return model
 
 
-def child(num_experts: int, tile_size: int) -> dict[str, float]:
+def child(num_experts: int, tile_size: int, repeats: int = REPEATS) -> dict[str, object]:
     """In a fresh process: peak RSS increase (bytes) during `opt.step()` once the state exists."""
     from distill.models import configure_optimizer_groups
     from distill.train.tiled_adamw import TiledAdamW
@@ -66,7 +71,7 @@ def child(num_experts: int, tile_size: int) -> dict[str, float]:
         opt = torch.optim.AdamW(groups, lr=1e-3, foreach=False)  # what foreach=None picks on CPU
     opt.step()  # creates exp_avg / exp_avg_sq: from here on only temporaries are allocated
     temps, times = [], []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
@@ -78,13 +83,13 @@ def child(num_experts: int, tile_size: int) -> dict[str, float]:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     return {"params": params, "largest": largest, "temp": statistics.median(temps),
-            "ms": 1e3 * statistics.median(times)}
+            "ms": 1e3 * statistics.median(times), "temps": temps, "times_ms": [1e3 * t for t in times]}
 
 
-def measure(num_experts: int, tile_size: int) -> dict[str, float]:
+def measure(num_experts: int, tile_size: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", THP_MEM_ALLOC_ENABLE="0")
     out = subprocess.run(
-        [sys.executable, "-m", "distill.bench.optim", str(num_experts), str(tile_size)],
+        [sys.executable, "-m", "distill.bench.optim", str(num_experts), str(tile_size), str(reps(REPEATS))],
         env=env, capture_output=True, text=True, check=True, timeout=300,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -94,34 +99,38 @@ def main() -> None:
     if not os.path.exists("/proc/self/clear_refs"):
         print("skipped: needs Linux /proc/self/clear_refs to read a step's peak resident memory")
         return
-    start = time.perf_counter()
     print("AdamW step peak temporary memory (RSS high-water mark during opt.step(), fresh process each);")
     print(f"  E experts of w_in [E,{D},{F_HIDDEN}] + w_out [E,{F_HIDDEN},{D}], plus a fixed dense part "
           f"({sum(torch.Size(s).numel() for s in DENSE.values()) * 4 / MIB:.1f} MiB); fp32")
     print(f"  untiled = torch.optim.AdamW(foreach=False) (the CPU default); tiled = TiledAdamW(tile_size={TILE})")
-    header = (f"{'E':>4} {'params MiB':>10} {'largest MiB':>11} {'untiled MiB':>11} {'tiled MiB':>9} "
-              f"{'ratio':>6} {'untiled ms':>10} {'tiled ms':>8}")
+    header = (f"{'E':>4} {'params MiB':>10} {'largest MiB':>11} {'untiled MiB':>20} {'tiled MiB':>20} "
+              f"{'ratio':>6} {'untiled ms':>20} {'tiled ms':>20}")
     print(header)
     print("-" * len(header))
     tiled_peaks = []
+    bound = 2 * TILE * 4 + (1 << 20)  # two fp32 tiles (sqrt and quotient) + 1 MiB of slack
     for num_experts in EXPERTS:
         untiled, tiled = measure(num_experts, 0), measure(num_experts, TILE)
         tiled_peaks.append(tiled["temp"])
+        record(f"untiled AdamW step peak temp, E={num_experts}", [t / MIB for t in untiled["temps"]], unit="MiB")
+        record(f"tiled AdamW step peak temp, E={num_experts}", [t / MIB for t in tiled["temps"]], unit="MiB",
+               goal=f"<= {bound / MIB:.2f} MiB (2 tiles + 1 MiB)")
+        record(f"untiled AdamW step ms, E={num_experts}", untiled["times_ms"], unit="ms")
+        record(f"tiled AdamW step ms, E={num_experts}", tiled["times_ms"], unit="ms")
         print(
             f"{num_experts:>4} {untiled['params'] / MIB:>10.1f} {untiled['largest'] / MIB:>11.1f} "
-            f"{untiled['temp'] / MIB:>11.2f} {tiled['temp'] / MIB:>9.2f} "
-            f"{untiled['temp'] / max(tiled['temp'], 4096):>6.1f} {untiled['ms']:>10.1f} {tiled['ms']:>8.1f}",
+            f"{fmt([t / MIB for t in untiled['temps']], 2):>20} {fmt([t / MIB for t in tiled['temps']], 2):>20} "
+            f"{untiled['temp'] / max(tiled['temp'], 4096):>6.1f} {fmt(untiled['times_ms'], 1):>20} "
+            f"{fmt(tiled['times_ms'], 1):>20}",
             flush=True,
         )
-    bound = 2 * TILE * 4 + (1 << 20)  # two fp32 tiles (sqrt and quotient) + 1 MiB of slack
     flat = max(tiled_peaks) <= bound
     print(
         f"goal: tiled flat in E (every tiled peak <= 2 tiles + 1 MiB = {bound / MIB:.2f} MiB): "
         f"{'met' if flat else 'NOT met'}; max tiled {max(tiled_peaks) / MIB:.2f} MiB, "
         f"tiled E={EXPERTS[-1]} / E={EXPERTS[0]} = {tiled_peaks[-1] / max(tiled_peaks[0], 4096):.2f}"
     )
-    print(f"  ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":
-    print(json.dumps(child(int(sys.argv[1]), int(sys.argv[2]))))
+    print(json.dumps(child(*(int(a) for a in sys.argv[1:4]))))

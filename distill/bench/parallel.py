@@ -12,6 +12,14 @@
 3. Step time (forward, backward, clipping by the full model's norm, AdamW) on the same global batch: one
    process against 4 ranks, step by step in turn (rank 0 runs the one-process step while the other ranks
    wait), wall and CPU time. Every process uses one thread; the 4 ranks share this machine's cores.
+4. Expert-parallel throughput: `ep=2` on 2 processes of one thread each against one process of 2 threads, on
+   the same global batch, step by step in turn (rank 0 runs the one-process step while rank 1 waits): the same
+   2 cores either way, so throughput = one-process step time / ep=2 step time (the slower rank's).
+   Goal: >= 1.6x. Also against one process of 1 thread (what the 4-rank rows of 3 compare with: twice the
+   cores for ep=2, so not a fair throughput, but its CPU ratio is the work the layout adds, robust to load).
+
+Every figure is recorded (`distill.bench.record`): the per-step ratios of 3 and 4 (`--reps N`: N timed steps,
+default 8), one sample for the byte counts of 1 and the memory of 2.
 
 Processes: distill/bench/parallel_worker.py (one process per rank, started by `run_ranks`).
 """
@@ -28,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill.bench import fmt, ratios, record, reps
+
 WORLD = 4
 LAYOUTS = {  # label -> layout (the `parallel` config node); None: one process
     "1 process": None,
@@ -40,6 +50,7 @@ LAYOUTS = {  # label -> layout (the `parallel` config node); None: one process
 }
 SHARDED = ("dp_shard=4", "ep=4", "ep=2 x dp_shard=2")  # goal: 1/4 of one process, within 5%
 TIMED = {"ep=2 x dp_shard=2": "ep=2,dp_shard=2", "dp_shard=4": "dp_shard=4"}
+SCALE = ("ep=2", "ep=2,dp_shard=1", 2)  # label, layout, world (= the one process's threads)
 LOAD_LAYOUTS = {"ep=4": "ep=4,dp_shard=1", "dp_shard=4": "dp_shard=4"}
 MB = 1e6
 
@@ -78,6 +89,10 @@ def kb_to_mb(kb: int) -> float:
     return kb * 1024 / MB
 
 
+def goal_of(label: str) -> str | None:
+    return "within 5% of 0.25" if label in SHARDED else None
+
+
 def goal_text(label: str, ratio: float) -> str:
     if label in SHARDED:
         off = ratio / 0.25 - 1
@@ -97,6 +112,8 @@ def print_bytes(one: dict[str, int], train: list[dict[str, Any]]) -> None:
         worst = max(rows, key=lambda b: sum(b.values()))
         total = sum(worst.values())
         cells = " ".join(f"{worst[k] / MB:7.1f}MB" for k in ("params", "grads", "optim"))
+        if layout is not None:
+            record(f"training state, largest rank / 1 process: {label}", [total / total_one], goal=goal_of(label))
         print(f"  {label:22s} {cells} {total / MB:7.1f}MB  {total / total_one:11.3f}  "
               f"{goal_text(label, total / total_one)}")
         spread = sorted(sum(b.values()) / MB for b in rows)
@@ -120,6 +137,8 @@ def print_load(teacher: dict[str, int], one_load: dict[str, int], loads: dict[st
         anon = max(kb_to_mb(r["anon_kb"]) for r in ranks)
         file = max(kb_to_mb(r["file_kb"]) for r in ranks)
         held = max(r["held"] for r in ranks) / MB
+        record(f"teacher load, peak RSS increase, largest rank: {label}", [max(incs)], unit="MB",
+               goal=f"<= {goal / MB:.1f}")
         verdict = (f"peak RSS: {'yes' if max(incs) * MB <= goal else 'NO'}, "
                    f"private: {'yes' if anon * MB <= goal else 'NO'}")
         print(f"  {label + ', 4 ranks (load_sharded)':36s} {max(incs):+7.1f} MB {anon:+7.1f} MB {file:+8.1f} MB "
@@ -146,6 +165,8 @@ def print_times(train: list[dict[str, Any]], steps: int, warmup: int) -> None:
         ow, oc = [t[2] for t in per_rank[0]], [t[3] for t in per_rank[0]]
         one_wall += ow
         one_cpu += oc
+        record(f"step wall, 4 ranks / 1 process (1 thread): {label}", ratios(wall, ow), unit="x")
+        record(f"step CPU summed over ranks, 4 ranks / 1 process: {label}", ratios(cpu, oc), unit="x")
         rows.append(f"  {label + ', 4 ranks':28s} {1e3 * statistics.median(wall):7.1f} ms/step   CPU "
                     f"{1e3 * statistics.median(cpu):7.1f} ms/step (sum over ranks)   wall {median_ratio(wall, ow):.2f}x, "
                     f"CPU {median_ratio(cpu, oc):.2f}x one process")
@@ -159,9 +180,38 @@ def print_times(train: list[dict[str, Any]], steps: int, warmup: int) -> None:
           "work the layout adds (collectives, gathers, regrouping, smaller matmuls): 1.00x would be free.")
 
 
-def main(steps: int = 8, warmup: int = 2) -> None:
+def print_scale(ranks: list[dict[str, Any]], steps: int) -> None:
+    label, _, world = SCALE
+    per_rank = [r["times"] for r in ranks]  # [rank][step] = [wall, cpu, (one wall, one cpu) per thread count]
+    wall = [max(r[s][0] for r in per_rank) for s in range(steps)]
+    cpu = [sum(r[s][1] for r in per_rank) for s in range(steps)]
+    print(f"\n4. Expert-parallel throughput: {label} on {world} processes of 1 thread vs 1 process of {world} threads "
+          f"(the same cores)\n  and of 1 thread, same global batch; per step triple, throughput = one-process wall / "
+          f"{label} wall (the slower rank)")
+    print(f"  {label}, {world} processes        {1e3 * statistics.median(wall):7.1f} ms/step   CPU "
+          f"{1e3 * statistics.median(cpu):7.1f} ms/step (sum over ranks)")
+    for i, threads in enumerate((world, 1)):
+        ow, oc = [t[2 + 2 * i] for t in per_rank[0]], [t[3 + 2 * i] for t in per_rank[0]]
+        thr, work = ratios(ow, wall), ratios(cpu, oc)
+        fair = threads == world
+        record(f"{label} on {world} processes / 1 process ({threads} thread{'s' * (threads > 1)}): throughput", thr,
+               unit="x", goal=">= 1.6x" if fair else None, better="higher")
+        if not fair:
+            record(f"{label} on {world} processes / 1 process (1 thread): CPU time summed over ranks", work, unit="x")
+        print(f"  1 process, {threads} thread{'s' * (threads > 1)}      {1e3 * statistics.median(ow):7.1f} ms/step   "
+              f"CPU {1e3 * statistics.median(oc):7.1f} ms/step   {label}: throughput {fmt(thr, 2)}x"
+              + (" (goal >= 1.6x)" if fair else f", CPU summed over ranks {fmt(work, 2)}x"))
+    print("  The 2-thread process is the fair baseline (the same cores); the 1-thread one shows the work the layout "
+          "adds\n  (CPU summed over ranks: FSDP's gathers and reductions of the dense and expert parameters, DTensor "
+          f"dispatch\n  in clipping and AdamW, the all-to-alls, smaller matmuls). 1-min load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores: above\n  the core count the 2-thread process mostly waits for a descheduled "
+          "thread (its wall time suffers, the ranks' hardly).")
+
+
+def main(steps: int | None = None, warmup: int = 2) -> None:
     from distill.bench.parallel_worker import bench_config, teacher_config
 
+    steps = reps(8) if steps is None else steps
     t0 = time.perf_counter()
     cfg, tcfg = bench_config(), teacher_config()
     print(f"gloo on CPU, {WORLD} ranks = {WORLD} processes of one thread each. Model: d={cfg.d_model} "
@@ -178,6 +228,8 @@ def main(steps: int = 8, warmup: int = 2) -> None:
                  for label, layout in LOAD_LAYOUTS.items()}
         print_load(teacher, one["load"], loads)
     print_times(train, steps, warmup)
+    _, layout, world = SCALE
+    print_scale(run("scale", [layout, str(steps), str(warmup), f"{world},1"], world)["ranks"], steps)
     print(f"\n  ({time.perf_counter() - t0:.0f} s)")
 
 

@@ -3,6 +3,7 @@
     python -m distill.bench.parallel_worker one   TEACHER_DIR               (1 process, no process group)
     python -m distill.bench.parallel_worker load  TEACHER_DIR LAYOUT         (RANK, WORLD_SIZE, MASTER_* in env)
     python -m distill.bench.parallel_worker train LAYOUT[;..] TIMED[;..] STEPS WARMUP
+    python -m distill.bench.parallel_worker scale LAYOUT STEPS WARMUP ONE_THREADS[,..]
 
 LAYOUT is e.g. ``ep=2,dp_shard=2`` (the `parallel` config node). Each mode prints one JSON line (rank 0 for
 the multi-process modes, with every rank's numbers gathered):
@@ -14,6 +15,9 @@ the multi-process modes, with every rank's numbers gathered):
          parameters, gradients and AdamW state after one step; for the TIMED layouts, step times too, each
          step after one of the whole model on the global batch on rank 0 (one process, timed in turn, so
          that a change in the machine's load hits both alike; the other ranks wait in a barrier, idle).
+- scale: step times of one layout on WORLD ranks of one thread each, each step after one of the whole model
+         on the global batch on rank 0 per entry of ONE_THREADS (its intra-op threads; WORLD for a fair
+         throughput comparison: the same cores either way), the other ranks waiting in a barrier, idle.
 
 Byte counts are exact (numel x element size of the local shards). Resident memory comes from
 /proc/self/status: the baseline is VmRSS just before the load (torch and the loading code imported, process
@@ -217,6 +221,33 @@ def train(layouts: list[str], timed: list[str], steps: int, warmup: int) -> dict
     return results
 
 
+def scale(text: str, steps: int, warmup: int, one_threads: list[int]) -> dict[str, Any]:
+    from distill.parallel.mesh import ParallelMesh
+    from distill.parallel.parallelize import parallelize
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    ref = GPT(bench_config())
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    torch.manual_seed(0)
+    layout = parse_layout(text).resolve(dist.get_world_size())
+    model = parallelize(GPT(bench_config()), ParallelMesh(layout))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = global_batch().split(GLOBAL_BATCH // layout.data_parallel)[rank // layout.tp]
+    times: list[list[float]] = []
+    for i in range(warmup + steps):
+        one_step: list[float] = []
+        if rank == 0:  # the others wait in the barrier of their next step
+            for threads in one_threads:
+                torch.set_num_threads(threads)
+                one_step += timed_step(ref, ref_opt, global_batch(), parallel=False)
+            torch.set_num_threads(1)
+        step = timed_step(model, opt, batch, parallel=True, copies=layout.tp)
+        if i >= warmup:
+            times.append(step + one_step)
+    return {"times": times}  # per step: [wall, cpu] (+ [one wall, one cpu] per ONE_THREADS on rank 0)
+
+
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)  # one process stands for one device, one core
     mode, args = argv[0], argv[1:]
@@ -226,6 +257,8 @@ def main(argv: list[str]) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     if mode == "load":
         mine = load(args[0], args[1])
+    elif mode == "scale":
+        mine = scale(args[0], int(args[1]), int(args[2]), [int(n) for n in args[3].split(",")])
     else:
         mine = train(args[0].split(";"), args[1].split(";"), int(args[2]), int(args[3]))
     ranks: list[Any] = [None] * dist.get_world_size()

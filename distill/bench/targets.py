@@ -5,11 +5,13 @@
 - the teacher-target pass in tokens/s (the tiny teacher, batch 16 x 128 tokens);
 - the distillation step with offline targets over the student-only step (goal: at most 1.10), next to the
   online step's ratio, both measured in the same rounds.
+
+Recorded (`distill.bench.record`) from repeats: the target pass is built anew each repeat (into its own
+directory), the ratios once per round.
 """
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -17,6 +19,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from omegaconf import OmegaConf
 
+from distill.bench import fmt, record, reps
 from distill.bench.train import BATCH, CONF, ROUNDS, SEQ, SKIP, STEPS, VOCAB, fit_step_times
 from distill.config import OptimConfig
 from distill.export import export_model
@@ -39,19 +42,26 @@ def main() -> None:
     student_cfg = derive_student(teacher_cfg, StudentConfig())
     ids = torch.randint(0, VOCAB, (STEPS * BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
     blocks = Dataset.from_dict({"input_ids": ids.tolist()})
+    rounds = reps(ROUNDS)
     with TemporaryDirectory() as tmp:
         teacher = GPT(teacher_cfg).eval()
-        targets = build_targets(teacher, blocks, Path(tmp) / "targets", {}, k=K, temperature=1.0,
-                                batch_size=BATCH, progress=False)
-        meta = json_meta(Path(tmp) / "targets")
+        metas = []
+        for r in range(rounds):
+            targets = build_targets(teacher, blocks, Path(tmp) / f"targets{r}", {}, k=K, temperature=1.0,
+                                    batch_size=BATCH, progress=False)
+            metas.append(json_meta(Path(tmp) / f"targets{r}"))
+        meta = metas[0]
+        size = record(f"stored targets bytes/token (k={K}, router targets)", [m["bytes_per_token"] for m in metas],
+                      unit="B/token", goal="<= 200")
+        tps = [m["tokens_per_s"] for m in metas]
+        record("teacher-target pass tokens/s", tps, unit="tokens/s", better="higher")
         print(f"stored targets at k={K} with router targets ({teacher_cfg.num_moe_layers} MoE layers, the "
-              f"{meta['router_topk']} most probable experts of each): {meta['bytes_per_token']:.1f} bytes/token "
-              "(goal <= 200)")
-        print(f"teacher-target pass: {meta['tokens_per_s']:,.0f} tokens/s")
+              f"{meta['router_topk']} most probable experts of each): {size:.1f} bytes/token (goal <= 200)")
+        print(f"teacher-target pass: {fmt(tps, 0)} tokens/s")
         with_targets = concatenate_datasets([blocks, targets], axis=1).with_format("torch")
         source = ExportTeacher(export_model(teacher, teacher_cfg, Path(tmp) / "teacher"))
         offline, online = [], []
-        for _ in range(ROUNDS):  # rounds alternate the runs so machine noise hits them alike
+        for _ in range(rounds):  # rounds alternate the runs so machine noise hits them alike
             base = fit_step_times(LMModule(student_cfg, OptimConfig(), STEPS), SKIP, with_targets)
             off = fit_step_times(DistillModule(student_cfg, OptimConfig(), KDSchedule(
                 KDConfig(teacher_targets="offline", topk=K), STEPS), teacher_loader=source.load), SKIP, with_targets)
@@ -59,9 +69,11 @@ def main() -> None:
                                               teacher_loader=source.load), SKIP, with_targets)
             offline.append(off / base)
             online.append(on / base)
-    print(f"{'distillation step / student-only step':<44}{'measured':>10}")
-    print(f"{'  offline targets, k=32 (goal <= 1.10)':<44}{statistics.median(offline):>10.3f}")
-    print(f"{'  online teacher':<44}{statistics.median(online):>10.3f}")
+    record(f"offline-targets step / student-only step (k={K})", offline, goal="<= 1.10")
+    record("online-teacher step / student-only step", online)
+    print(f"{'distillation step / student-only step':<44}{'measured':>22}")
+    print(f"{'  offline targets, k=32 (goal <= 1.10)':<44}{fmt(offline):>22}")
+    print(f"{'  online teacher':<44}{fmt(online):>22}")
 
 
 def json_meta(path: Path) -> dict:

@@ -7,8 +7,11 @@ whether KD is on and with what weight; `KDSchedule.uses_teacher` is False when K
 `distill.kd.sparse`: the same divergences from a teacher's stored top-k log-probabilities (offline targets),
 the rest of the vocabulary as one tail bucket; equal to the dense losses when k is the vocabulary.
 `distill.kd.internal`: router KD and hidden-state KD between mapped layers, and the default maps.
+`distill.kd.fused`: the fused, chunked LM head and loss (CE with any of these KD losses, from hidden states and
+the head weight; the full logits never exist), used in training.
 """
 
+from distill.kd.fused import FusedTerms, TeacherHidden, fused_head_from_config, fused_head_loss
 from distill.kd.internal import (
     InternalMaps,
     default_block_map,
@@ -32,16 +35,20 @@ from distill.kd.sparse import TopK, sparse_kd_loss, teacher_topk
 
 __all__ = [
     "DECAYS",
+    "FusedTerms",
     "HIDDEN_LOSSES",
     "InternalMaps",
     "LOSSES",
     "TEACHER_TARGETS",
+    "TeacherHidden",
     "KDConfig",
     "KDSchedule",
     "TopK",
     "default_block_map",
     "default_layer_map",
     "expert_map",
+    "fused_head_from_config",
+    "fused_head_loss",
     "hidden_kd_loss",
     "kd_loss",
     "kd_loss_from_config",

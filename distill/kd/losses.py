@@ -15,6 +15,8 @@ The loss is the mean over valid tokens (mask True), never divided by a fixed seq
 computed in log space in chunks of `chunk_size` valid tokens, each upcast to (at least) fp32 on its
 own, so full [tokens, vocab] fp32 tensors never exist. The backward pass recomputes each chunk and
 writes d loss / d student_logits in the student's dtype; the teacher is a constant (no gradient).
+`_divergence` is the per-chunk step (loss and gradient w.r.t. the logits of one chunk); the fused LM head
+(`distill.kd.fused`, training) calls it on logits it makes chunk by chunk from the hidden states.
 `-inf` logits (masked vocabulary entries) are safe: a term with zero weight contributes 0, so an entry
 where both models put -inf adds nothing. A distribution that puts mass where the one it is measured
 against has none gives an infinite KL, as the math says (forward KL: student -inf where the teacher

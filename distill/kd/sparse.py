@@ -42,9 +42,11 @@ from torch.autograd.function import once_differentiable
 
 from distill.kd.losses import _compute_dtype
 from distill.kd.schedule import _check_loss_args
-from distill.losses import IGNORE_INDEX, is_dtensor
+from distill.kd.sparse_chunk import NEG_INF, SparseChunk, sparse_chunk, sparse_grad
+from distill.losses import is_dtensor
 
-NEG_INF = float("-inf")
+__all__ = ["TopK", "SparseChunk", "lm_sparse_kd_loss", "sparse_chunk", "sparse_grad", "sparse_kd_loss",
+           "teacher_topk"]
 
 
 class TopK(NamedTuple):
@@ -84,49 +86,16 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
     return TopK(ids, logp, _masked_logsumexp(log_p, ids))
 
 
-def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """logaddexp whose gradient is 0, not NaN, where both are -inf."""
-    both = (a == NEG_INF) & (b == NEG_INF)
-    return torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)).masked_fill(both, NEG_INF)
-
-
-def _kl(w: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """sum_j w_j (log_a_j - log_b_j) over the buckets, a term being 0 (gradient too) wherever w_j == 0."""
-    return (w * torch.where(w > 0, log_a - log_b, 0.0)).sum(-1)
-
-
-def _bucket_grads(log_q: torch.Tensor, log_p: torch.Tensor, kind: str,
-                  beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token loss [c], and g = d loss / d Q_b on the k + 1 buckets with h = Q_b * g_b [c, k + 1]
-    (both 0 where Q_b = 0), for bucket log-masses log_q (student) and log_p (teacher, normalised)."""
-    p, q = log_p.exp(), log_q.exp()
-    live = q > 0
-    if kind == "forward_kl":
-        loss = _kl(p, log_p, log_q)
-        h = -p
-        g = torch.where(live, -(log_p - log_q).exp(), 0.0)
-    else:
-        if kind == "reverse_kl":
-            log_r, scale = log_p, 1.0
-            loss = _kl(q, log_q, log_p)
-        else:  # jsd: the terms through the mixture cancel in dL/dQ
-            log_r, scale = _logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta)), 1.0 - beta
-            loss = beta * _kl(p, log_p, log_r) + scale * _kl(q, log_q, log_r)
-        g = torch.where(live, (log_q - log_r + (1.0 if kind == "reverse_kl" else 0.0)) * scale, 0.0)
-        h = q * g
-    return loss, g, h
-
-
 class _SparseKD(torch.autograd.Function):
     """Mean sparse KD loss (and, with `targets`, the mean cross-entropy) over the rows `rows` of 2-D logits.
 
-    One pass of softmaxes over the vocabulary per chunk, in the forward: q = softmax(s / T) gives the
-    bucket masses (the tail summed over the entries outside the top-k, exact, no 1 - sum), and is kept
+    One pass of softmaxes over the vocabulary per chunk (`sparse_chunk`), in the forward: q = softmax(s / T)
+    gives the bucket masses (the tail summed over the entries outside the top-k, exact, no 1 - sum), and is kept
     with the top-k entries zeroed (`z`, one [N, V] tensor in the student's dtype, the size of the gradient
     autograd would hold anyway). With per-bucket h_b = Q_b dL/dQ_b, G = sum_b h_b and r = dL/dQ_tail,
     d loss / d (s / T) is q_v (r - G) outside the top-k and h_j - q_j G at its j-th id; the backward
-    is one scaled copy of `z` plus O(k) scatters per token. The cross-entropy (T = 1 rows of the same
-    logits, valid where the target is not -100) shares that pass when T = 1: its gradient q - onehot
+    (`sparse_grad`) is one scaled copy of `z` plus O(k) scatters per token. The cross-entropy (T = 1 rows of
+    the same logits, valid where the target is not -100) shares that pass when T = 1: its gradient q - onehot
     is `z` plus the top-k masses and minus one at the target; at T != 1 it keeps its own q.
     """
 
@@ -152,36 +121,24 @@ class _SparseKD(torch.autograd.Function):
             span = slice(start, start + idx.numel())
             s = student[span].to(dtype) if contiguous else student.index_select(0, idx).to(dtype)
             c_ids = ids[span] if contiguous else ids.index_select(0, idx)
+            tgt = None
             if with_ce:
                 tgt = targets[span] if contiguous else targets.index_select(0, idx)
-                ok = tgt != IGNORE_INDEX
-                lse1 = s.logsumexp(-1)
-                ce = lse1 - s.gather(-1, tgt.clamp(min=0)[:, None]).squeeze(1)
-                ce_total += torch.where(ok, ce, 0.0).sum()
-                ce_ok.index_copy_(0, idx, ok.to(dtype))
+            c = sparse_chunk(s, c_ids, log_p.index_select(0, idx).to(dtype), tgt, kind, temperature, beta,
+                             need_q1=q1 is not None, out=z[span] if in_place else None)
+            kd_total += c.kd.sum()
+            if with_ce:
+                ce_total += c.ce.sum()
+                ce_ok.index_copy_(0, idx, c.ce_ok)
                 if q1 is not None:
-                    q1.index_copy_(0, idx, (s - lse1[:, None]).exp_().to(q1.dtype))
-            if temperature != 1.0:
-                s = s / temperature
-            lse = lse1 if with_ce and temperature == 1.0 else s.logsumexp(-1)
-            s_k = s.gather(-1, c_ids)
-            out = z[span] if in_place else None  # softmax(s / T), into z or a fresh chunk
-            q = torch.sub(s, lse[:, None], out=out).exp_() if out is not None else (s - lse[:, None]).exp_()
-            q.scatter_(-1, c_ids, 0.0)
-            log_q = torch.cat([s_k - lse[:, None], q.sum(-1).log()[:, None]], -1)
-            p_chunk = log_p.index_select(0, idx).to(dtype)
-            p_chunk = p_chunk - p_chunk.logsumexp(-1, keepdim=True)  # quantised targets stay a distribution
-            loss, g, h = _bucket_grads(log_q, p_chunk, kind, beta)
-            kd_total += loss.sum()
+                    q1.index_copy_(0, idx, c.q1.to(q1.dtype))
             if need_grad:
-                big_g = h.sum(-1, keepdim=True)
-                top = log_q[:, :k].exp()
-                coef.index_copy_(0, idx, (g[:, k:] - big_g).squeeze(1))
-                h_k.index_copy_(0, idx, h[:, :k] - top * big_g)
-                if with_ce and temperature == 1.0:
-                    q_k.index_copy_(0, idx, top)
+                coef.index_copy_(0, idx, c.coef)
+                h_k.index_copy_(0, idx, c.h_k)
+                if c.q_k is not None:
+                    q_k.index_copy_(0, idx, c.q_k)
                 if not in_place:
-                    z.index_copy_(0, idx, q.to(z.dtype))
+                    z.index_copy_(0, idx, c.z.to(z.dtype))
         n_kd = max(rows.numel(), 1)
         n_ce = ce_ok.sum().clamp(min=1.0)  # a tensor: no host sync in the training step
         t2 = temperature * temperature
@@ -196,15 +153,8 @@ class _SparseKD(torch.autograd.Function):
         z, q1, coef, h_k, q_k, ce_ok, ids, targets = ctx.saved_tensors
         kd_scale, ce_scale = ctx.scales
         a, b = g_kd.to(coef.dtype) * kd_scale, g_ce.to(coef.dtype) * ce_scale
-        with_ce = targets is not None
-        row = a * coef + (b * ce_ok if with_ce and q1 is None else 0.0)
-        grad = z.mul_(row[:, None].to(z.dtype))  # z is not needed again (once_differentiable)
-        top = a * h_k + (b * ce_ok[:, None] * q_k if with_ce and q1 is None else 0.0)
-        grad.scatter_add_(-1, ids, top.to(grad.dtype))  # z is 0 on the top-k
-        if with_ce:
-            if q1 is not None:
-                grad.add_(q1 * (b * ce_ok)[:, None].to(q1.dtype))
-            grad.scatter_add_(-1, targets.clamp(min=0)[:, None], -(b * ce_ok)[:, None].to(grad.dtype))
+        # z is not needed again (once_differentiable)
+        grad = sparse_grad(z, coef, h_k, q_k, ce_ok if targets is not None else None, q1, ids, targets, a, b)
         return grad, None, None, None, None, None, None, None, None
 
 

@@ -216,7 +216,8 @@ def routes_from_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
 def lm_sparse_kd_from_config(student_logits: torch.Tensor, lm_targets: torch.Tensor, targets: TopK,
                              mask: torch.Tensor | None, cfg: Any) -> dict[str, torch.Tensor]:
     """{"ce", "kd"}: `lm_sparse_kd_loss` (the cross-entropy and the sparse KD loss in one pass) with loss,
-    temperature, beta and chunk size from the `kd` node."""
+    temperature, beta and chunk size from the `kd` node, on full logits. Training with the fused head passes the
+    batch's `TopK` to `distill.kd.fused.fused_head_from_config` instead (the same per-chunk math, no logits)."""
     ce, kd = lm_sparse_kd_loss(student_logits, lm_targets, targets, mask, loss=cfg.loss,
                                temperature=cfg.temperature, beta=cfg.beta, chunk_size=cfg.chunk_size)
     return {"ce": ce, "kd": kd}

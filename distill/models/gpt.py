@@ -5,7 +5,8 @@ Tied embeddings, rotary positions, pre-norm LayerNorm, causal attention through
 of Mixtral / Qwen2-MoE: RMSNorm, grouped-query attention, SwiGLU, untied head; and those of Qwen3-MoE, OLMoE
 and GPT-OSS attention: q/k norms, scaled RoPE (`distill.models.rope`), sliding windows, attention sinks, any
 set of dense blocks; DeepSeek's multi-head latent attention (`distill.models.mla`). No training concerns live here: the
-forward pass returns logits and the MoE layers' statistics; losses are computed by the caller. The blocks
+forward pass returns logits (or, with `return_logits=False`, the head's input for a fused head and loss) and the MoE
+layers' statistics; losses are computed by the caller. The blocks
 it is made of live in `distill.models.layers`.
 """
 
@@ -26,12 +27,14 @@ from distill.moe import MoELayer, MoEStats
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # [B, L, V]
+    logits: torch.Tensor | None  # [B, L, V]; None with `return_logits=False`
     aux_loss: torch.Tensor  # scalar: sum of the MoE layers' load-balancing losses (0 without MoE)
     z_loss: torch.Tensor  # scalar: sum of the MoE layers' router z-losses
     moe_stats: list[MoEStats]  # one per MoE layer, in depth order
     # the residual stream after each block, [B, L, d] each, in depth order; only with `return_hidden`
     hidden_states: list[torch.Tensor] | None = None
+    # the final normalised hidden states [B, L, d] (the head's input); only with `return_logits=False`
+    final_hidden: torch.Tensor | None = None
 
 
 class GPT(nn.Module):
@@ -128,13 +131,15 @@ class GPT(nn.Module):
         *,
         return_router_logits: bool = False,
         return_hidden: bool = False,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Logits for token ids `idx` [B, L]. With a `cache`, `idx` continues the cached positions and the
         cache is advanced by L.
 
         For distillation: `return_router_logits` fills each MoE layer's `MoEStats.router_logits` ([B*L, E]
         fp32, before any noise), `return_hidden` fills `ModelOutput.hidden_states`. Both off by default:
-        nothing extra is computed or kept."""
+        nothing extra is computed or kept. `return_logits=False` skips the head: `logits` is None and
+        `final_hidden` holds its input (a fused head and loss applies `lm_head.weight` chunk by chunk)."""
         B, L = idx.shape
         start = cache.pos if cache is not None else 0
         if start + L > self.cfg.max_seq_len:
@@ -158,13 +163,15 @@ class GPT(nn.Module):
                 stats.append(s)
             if hidden is not None:
                 hidden.append(x)
-        logits = self.lm_head(self.ln_f(x))
+        final = self.ln_f(x)
+        logits = self.lm_head(final) if return_logits else None
         if cache is not None:
             cache.pos += L
-        zero = logits.new_zeros((), dtype=torch.float32)
+        zero = (final if logits is None else logits).new_zeros((), dtype=torch.float32)
         aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else zero
         z = torch.stack([s.z_loss for s in stats]).sum() if stats else zero
-        return ModelOutput(logits=logits, aux_loss=aux, z_loss=z, moe_stats=stats, hidden_states=hidden)
+        return ModelOutput(logits=logits, aux_loss=aux, z_loss=z, moe_stats=stats, hidden_states=hidden,
+                           final_hidden=None if return_logits else final)
 
     # -- generation ----------------------------------------------------------------------------------
 

@@ -1,15 +1,134 @@
 """Expert MLPs: a dense FFN and the routed experts stored as stacked parameters ([E, d, f], [E, f, d]).
 
 The routed experts compute over rows already grouped by expert (`counts[e]` consecutive rows each):
-with `torch.nn.functional.grouped_mm` where dtype and shapes allow, else with split + a loop over
-`weight.unbind(0)` (never `w[e]` in a loop: each index's backward allocates a full-size zero gradient).
+
+- on CPU with several intra-op threads, `grouped_linear`: one `mm` per expert into a shared output buffer
+  (forward and backward), the experts spread over that many worker threads, each matmul on one thread
+  (MKL runs a matmul of ~100 rows poorly on several threads, and each of its parallel regions waits for
+  a descheduled thread on a busy machine; experts side by side on one thread each keep every core busy);
+- on one thread, and on accelerators, `torch.nn.functional.grouped_mm` where dtype and shapes allow (on
+  CPU a C++ loop of the same matmuls; `grouped_linear` where it does not apply);
+- else (or `use_grouped_mm=False`, the reference) split + a loop over `weight.unbind(0)` (never `w[e]` in a
+  loop: each index's backward allocates a full-size zero gradient).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_ok = False
+_pool_lock = threading.Lock()
+
+
+def _reset_pool() -> None:  # a forked child has none of the parent's threads
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+os.register_at_fork(after_in_child=_reset_pool)
+
+
+def _one_thread() -> None:
+    torch.get_num_threads()  # torch's lazy per-thread init first: it would later reset this thread to the default
+    torch.set_num_threads(1)
+
+
+def _expert_pool(threads: int) -> ThreadPoolExecutor | None:
+    """`threads` worker threads that run torch ops with one intra-op thread each (made once per size);
+    None where a worker could not be limited to one thread."""
+    global _pool, _pool_size, _pool_ok
+    with _pool_lock:
+        if _pool_size != threads:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(threads, thread_name_prefix="distill-experts", initializer=_one_thread)
+            ready = threading.Barrier(threads)
+            # start (and initialise) every thread; each reports its intra-op threads
+            got = [f.result() for f in [_pool.submit(lambda: (ready.wait(), torch.get_num_threads())[1])
+                                        for _ in range(threads)]]
+            torch.set_num_threads(threads)  # the workers' set_num_threads(1) also set torch's global default
+            _pool_size, _pool_ok = threads, all(n == 1 for n in got)
+        return _pool if _pool_ok else None
+
+
+def run_experts(sizes: list[int], work: Callable[[int], Any], device: torch.device) -> None:
+    """work(e) for every expert e (rows: sizes[e]); on CPU with several intra-op threads, on that many
+    worker threads of one intra-op thread each, the largest experts first, taken in turn as workers free."""
+    threads = torch.get_num_threads()
+    busy = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)
+    if device.type != "cpu" or threads <= 1 or sum(1 for n in sizes if n) < 2:
+        with torch.no_grad():
+            for e in busy:
+                work(e)
+        return
+    queue = iter(busy)  # next() on a list iterator is atomic under the GIL
+    # grad and inference mode are per thread: a worker takes the caller's, so that it may write the outputs
+    # of a forward run under inference mode (a teacher's; they are inference tensors)
+    inference = torch.is_inference_mode_enabled()
+
+    def worker() -> None:
+        with torch.inference_mode(inference), torch.no_grad():
+            for e in queue:
+                work(e)
+
+    pool = _expert_pool(threads)
+    if pool is None:
+        worker()
+        return
+    for f in [pool.submit(worker) for _ in range(threads)]:
+        f.result()
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """x [N, a] grouped by expert (sizes[e] rows each) -> [N, b], rows of expert e times w[e] ([E, a, b])."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], w.shape[2])
+        xs, ws, outs = x.split(sizes), w.unbind(0), out.split(sizes)
+        run_experts(sizes, lambda e: torch.mm(xs[e], ws[e], out=outs[e]), x.device)
+        ctx.save_for_backward(x, w)
+        ctx.sizes = sizes
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, w = ctx.saved_tensors
+        sizes = ctx.sizes
+        grad = grad.contiguous()  # an expanded (stride-0) gradient, e.g. from a sum
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+        xs, gs, ws = x.split(sizes), grad.split(sizes), w.unbind(0)
+        gxs = grad_x.split(sizes) if grad_x is not None else None
+        gws = grad_w.unbind(0) if grad_w is not None else None
+
+        def work(e: int) -> None:
+            if gxs is not None:
+                torch.mm(gs[e], ws[e].t(), out=gxs[e])
+            if gws is not None:
+                if sizes[e]:
+                    torch.mm(xs[e].t(), gs[e], out=gws[e])
+                else:
+                    gws[e].zero_()
+
+        run_experts(sizes, work, x.device)
+        return grad_x, grad_w, None
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """x [N, a] grouped by expert (sizes[e] consecutive rows each) -> [N, b]: expert e's rows @ w[e]."""
+    return _GroupedLinear.apply(x, w, sizes)
 
 
 def activate(h: torch.Tensor, activation: str, swiglu_limit: float | None = None,
@@ -115,12 +234,20 @@ class GroupedExperts(nn.Module):
             x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
             if b_in is not None:
                 b_in, b_out = b_in.to(dtype), b_out.to(dtype)
-        if self.grouped_mm_applies(x):
+        mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        if self.use_grouped_mm and x.device.type == "cpu" and (
+            torch.get_num_threads() > 1 or not self.grouped_mm_applies(x)
+        ):  # one thread: grouped_mm's loop in C++ (the same matmuls, less overhead)
+            sizes = counts.tolist()
+            mm = lambda a, w: grouped_linear(a, w, sizes)  # noqa: E731
+        elif self.grouped_mm_applies(x):
             offs = counts.cumsum(0).to(torch.int32)
-            h = F.grouped_mm(x.contiguous(), w_in, offs=offs)
+            mm = lambda a, w: F.grouped_mm(a.contiguous(), w, offs=offs)  # noqa: E731
+        if mm is not None:
+            h = mm(x, w_in)
             if b_in is not None:
                 h = h + b_in.repeat_interleave(counts, dim=0, output_size=x.shape[0])
-            out = F.grouped_mm(self.act(h), w_out, offs=offs)
+            out = mm(self.act(h), w_out)
             if out.requires_grad:  # grouped_mm's backward rejects stride-0 (expanded) gradients
                 out.register_hook(torch.Tensor.contiguous)
             if b_out is not None:

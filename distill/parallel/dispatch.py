@@ -117,8 +117,7 @@ class AllToAllDispatcher:
         send_counts = counts.view(self.group_size, self.num_local).contiguous()
         ones = [1] * self.group_size  # row i: the counts for group rank i's experts
         recv_counts = all_to_all(send_counts, ones, ones, self.group, self.timer, differentiable=False)
-        send_splits = send_counts.sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+        send_splits, recv_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one host read
         if self.traffic is not None:
             self.traffic.add_flat(send_splits, self.pos, tokens[0].numel() * tokens.element_size() if len(tokens) else 0)
         received = all_to_all(tokens, recv_splits, send_splits, self.group, self.timer)

@@ -53,7 +53,7 @@ class Traffic:
 def _perm(sizes: torch.Tensor, order: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
     """Index (on `device`) that reads the chunks of a buffer laid out row-major as `sizes` [A, B] in the order
     `order`."""
-    sizes = sizes.cpu()  # one copy to the host; the chunk bounds are read from it
+    sizes = sizes.cpu()  # on the host already (the dispatcher reads the counts once)
     starts = (sizes.flatten().cumsum(0) - sizes.flatten()).view_as(sizes)
     parts = [torch.arange(int(starts[a, b]), int(starts[a, b] + sizes[a, b])) for a, b in order]
     return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
@@ -92,7 +92,7 @@ class HierarchicalAllToAllDispatcher:
         I, J = self.nodes, self.J  # noqa: E741 (the paper's names: I nodes of J ranks)
         n, j = divmod(self.pos, J)
         C = self._counts(counts.view(I * J, self.num_local))
-        rows = C.sum(2)  # [source, destination] rows
+        rows = C.sum(2).cpu()  # [source, destination] rows: the one host read of the counts
         mine = rows[self.pos].view(I, J)  # my rows per destination (m, j')
         # stage 1, within the node: to (n, j') the rows for (m, j'), m = 0..I-1
         perm1 = _perm(mine, [(m, jj) for jj in range(J) for m in range(I)], tokens.device)

@@ -1,7 +1,10 @@
 """`DistillModule`: staged knowledge distillation of a Mixture-of-Students.
 
 ``ce_weight * CE + w(step) * (KD + router_weight * router_KD + hidden_weight * hidden_KD) + aux`` while KD is
-on, ``CE + aux`` after the stop step (the internal terms, distill/kd/internal.py, only when their weight is > 0). The schedule
+on, ``CE + aux`` after the stop step (the internal terms, distill/kd/internal.py, only when their weight is > 0).
+In training CE and KD come from the fused, chunked LM head (distill/kd/fused.py; the teacher gives only its final
+hidden states, or its logits when it has no such path) unless `optim.fused_head` is off or the student's head is a
+DTensor; validation builds the full logits of both models (exact metrics). The schedule
 (`distill.kd.KDSchedule`, built once by distill/resolve.py) is the one representation of when KD runs:
 a schedule whose stop step is 0 never runs it, and then no teacher is given at all.
 """
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,16 +21,17 @@ from torchmetrics.aggregation import MeanMetric
 from distill.config import OptimConfig
 from distill.errors import ConfigError
 from distill.kd import KDConfig, KDSchedule, kd_loss_from_config, kl_to_teacher, top1_agreement
+from distill.kd.fused import fused_head_from_config
 from distill.kd.internal import hidden_kd_loss, resolve_internal_maps, router_kd_from_routes, router_kd_loss
 from distill.kd.targets import lm_sparse_kd_from_config, routes_from_batch, targets_from_batch
 from distill.losses import lm_loss
 from distill.models import ModelConfig
 from distill.train.lm_module import LMModule, loss_mask, split_batch
 from distill.train.optim import build_optimizer
-from distill.train.teacher import LazyTeacher, _TeacherSlot
+from distill.train.teacher import LMTeacher, _TeacherSlot
 
 
-class DistillModule(LazyTeacher, LMModule):
+class DistillModule(LMTeacher, LMModule):
     """Staged KD from a teacher that is loaded lazily, frozen, and released at the stop step.
 
     ``teacher_loader`` is called at the first step that needs the teacher (so a run resumed after the stop
@@ -85,25 +88,6 @@ class DistillModule(LazyTeacher, LMModule):
     # ----------------------------------------------------------------------------- the teacher
     def kd_active(self, step: int | None = None) -> bool:
         return self.schedule.active(self.global_step if step is None else step)
-
-    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.teacher_outputs(inputs).logits
-
-    def teacher_outputs(self, inputs: torch.Tensor, router: bool = False, hidden: bool = False) -> Any:
-        """The teacher's ModelOutput (logits trimmed to the student's vocabulary); router logits and hidden
-        states only when asked, copied out of inference mode so that losses can save them for the backward."""
-        teacher = self.ensure_teacher()
-        self.teacher_calls += 1
-        flags = {k: True for k, on in (("return_router_logits", router), ("return_hidden", hidden)) if on}
-        with torch.inference_mode():  # a teacher on a mesh steps out of it for its own all-gathers
-            out = teacher(inputs, **flags)
-        logits = out.logits[..., :self.model_cfg.vocab_size]  # padding-only entries trimmed
-        if not flags:  # any teacher (a Hugging Face one returns its own output class): the logits are enough
-            return SimpleNamespace(logits=logits)
-        out = out._replace(logits=logits)
-        if router:
-            out = out._replace(moe_stats=[s._replace(router_logits=s.router_logits.clone()) for s in out.moe_stats])
-        return out._replace(hidden_states=[h.clone() for h in out.hidden_states]) if hidden else out
 
     # ----------------------------------------------------------------------------- internal KD
     def _resolved_maps(self) -> tuple[list[int], list[torch.Tensor | None], list[int]]:
@@ -168,28 +152,41 @@ class DistillModule(LazyTeacher, LMModule):
         k = self.schedule.cfg
         router, hidden = active and k.router_weight > 0, active and k.hidden_weight > 0
         offline = active and self.offline  # the teacher's stored top-k (distill/kd/targets.py); it never runs
-        logit_terms = (lambda logits, targets, mask: lm_sparse_kd_from_config(
-            logits, targets, targets_from_batch(batch), mask, k)) if offline else None
-        terms, out = self.lm_terms(batch, logit_terms, return_router_logits=router, return_hidden=hidden)
+        inputs, targets = split_batch(batch)
+        mask = loss_mask(batch)
+        weight = self.schedule.weight(step) if active else 0.0
+        t_out = None
+        if active and not offline:  # with the fused head: only the teacher's final hidden states, where it can
+            t_out = self.teacher_outputs(inputs, router=router, hidden=hidden, logits=not self.fused_head())
+        log_teacher = t_out is not None and self.is_logging_step()
+        teacher_ce: list[torch.Tensor] = []  # the fused pass's teacher CE, on logging steps
+
+        def logit_terms(logits: torch.Tensor, tgt: torch.Tensor, m: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            terms = (lm_sparse_kd_from_config(logits, tgt, targets_from_batch(batch), m, k) if offline else
+                     {"ce": lm_loss(logits, tgt, m), "kd": kd_loss_from_config(logits, t_out.logits, m, k)})
+            return {**terms, "head": k.ce_weight * terms["ce"] + weight * terms["kd"]}
+
+        def hidden_terms(h: torch.Tensor, w: torch.Tensor, tgt: torch.Tensor,
+                         m: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            side = targets_from_batch(batch) if offline else self.kd_teacher(t_out)
+            fused = fused_head_from_config(h, w, tgt, m, k, side, ce_weight=k.ce_weight, kd_weight=weight,
+                                           teacher_ce=log_teacher)
+            teacher_ce.extend([] if fused.teacher_ce is None else [fused.teacher_ce])
+            return {"head": fused.loss, "ce": fused.ce, "kd": fused.kd}
+
+        terms, out = self.lm_terms(batch, logit_terms if active else None, hidden_terms if active else None,
+                                   return_router_logits=router, return_hidden=hidden)
         if active:
-            inputs, targets = split_batch(batch)
-            t_out = None
-            if not offline:
-                t_out = self.teacher_outputs(inputs, router=router, hidden=hidden)
-                terms["kd"] = kd_loss_from_config(out.logits, t_out.logits, loss_mask(batch), k)
-            kd = terms["kd"]
-            weight = self.schedule.weight(step)
-            internal = self.internal_terms(out, t_out, loss_mask(batch), routes_from_batch(batch) if router and offline
-                                           else None)
+            internal = self.internal_terms(out, t_out, mask, routes_from_batch(batch) if router and offline else None)
             terms.update(internal)
-            kd_total = kd + sum(getattr(k, n.replace("_kd", "_weight")) * v for n, v in internal.items())
-            terms["loss"] = (k.ce_weight * terms["ce"] + weight * kd_total + self.optim.aux_coef * terms["aux"]
-                             + self.optim.z_coef * terms["z"])
-            if self.is_logging_step() and t_out is not None:  # a full log-softmax: only when it is logged
-                self.log("teacher/ce", lm_loss(t_out.logits, targets, loss_mask(batch)))
+            if internal:
+                terms["loss"] = terms["loss"] + weight * sum(
+                    getattr(k, n.replace("_kd", "_weight")) * v for n, v in internal.items())
+            if log_teacher:  # a full log-softmax (the fused pass: one logsumexp per chunk): only when it is logged
+                self.log("teacher/ce", teacher_ce[0] if teacher_ce else lm_loss(t_out.logits, targets, mask))
         else:
             # Lightning re-logs a key's last value on steps that do not log it: make "off" explicit
-            terms["kd"], weight = terms["ce"].new_zeros(()), 0.0
+            terms["kd"] = terms["ce"].new_zeros(())
             for name in ("router_kd", "hidden_kd"):
                 if getattr(k, name.replace("_kd", "_weight")) > 0:
                     terms[name] = terms["ce"].new_zeros(())

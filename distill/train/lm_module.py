@@ -1,6 +1,9 @@
 """`LMModule`: next-token LM training of a GPT (a teacher, or a student without KD).
 
-The model knows nothing about training; this module owns the objective, the optimizer and the metrics.
+The model knows nothing about training; this module owns the objective, the optimizer and the metrics. In
+training the loss comes from the model's final hidden states through the fused, chunked LM head
+(distill/kd/fused.py: the [tokens x vocabulary] logits never exist) unless `optim.fused_head` is off or the head
+weight is a DTensor (tensor parallelism, FSDP); validation always builds the full logits (exact metrics).
 Timing, the NaN/Inf guard, checkpoint IO and the RNG stream are callbacks (distill/train/), so the module
 holds only what a step computes.
 """
@@ -16,10 +19,13 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from distill.config import OptimConfig
-from distill.losses import lm_loss
+from distill.kd.fused import fused_head_loss
+from distill.losses import is_dtensor, lm_loss
 from distill.models import GPT, ModelConfig
 from distill.models.fused import FUSED_LAYOUT
 from distill.train.optim import build_optimizer
+
+LM_CHUNK = 1024  # tokens per chunk of the fused head and loss in LM training (KDConfig.chunk_size's default)
 
 
 def loss_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -59,19 +65,38 @@ class LMModule(L.LightningModule):
         self.step_terms: dict[str, torch.Tensor] = {}  # the last training batch's loss terms (detached)
 
     # ----------------------------------------------------------------------------- training
+    def fused_head(self) -> bool:
+        """Whether training takes the fused head and loss (distill/kd/fused.py): `optim.fused_head` and a head
+        weight that is a plain tensor (a DTensor, under tensor parallelism or FSDP, keeps the full logits)."""
+        return self.optim.fused_head and not is_dtensor(self.model.lm_head.weight)
+
     def lm_terms(self, batch: dict[str, torch.Tensor], logit_terms: Callable[..., dict[str, torch.Tensor]] | None = None,
+                 hidden_terms: Callable[..., dict[str, torch.Tensor]] | None = None,
                  **flags: bool) -> tuple[dict[str, torch.Tensor], Any]:
         """The LM objective's terms for one batch, and the model output (the distillation module reuses it);
         the `flags` that are on (``return_router_logits``, ``return_hidden``) go to the model.
         `logit_terms(logits, targets, mask)` replaces the cross-entropy with terms that include it (``ce``;
-        offline KD computes both in one pass over the vocabulary); ``loss`` is CE + aux + z either way."""
+        offline KD computes both in one pass over the vocabulary); with the fused head (`fused_head`: the model
+        gives ``final_hidden``, no logits) `hidden_terms(final_hidden, head_weight, targets, mask)` does.
+        Either may give ``head``, the differentiable head loss (``ce`` otherwise; the fused path's ``ce`` is
+        detached); ``loss`` is head + aux + z."""
         inputs, targets = split_batch(batch)
-        out = self.model(inputs, **{name: True for name, on in flags.items() if on})
-        if logit_terms is None:
-            terms = {"ce": lm_loss(out.logits, targets, loss_mask(batch))}
+        mask = loss_mask(batch)
+        on = {name: True for name, on in flags.items() if on}
+        if self.fused_head():
+            out = self.model(inputs, return_logits=False, **on)
+            weight = self.model.lm_head.weight
+            if hidden_terms is None:
+                fused = fused_head_loss(out.final_hidden, weight, targets, mask, chunk_size=LM_CHUNK)
+                terms = {"head": fused.loss, "ce": fused.ce}
+            else:
+                terms = hidden_terms(out.final_hidden, weight, targets, mask)
         else:
-            terms = logit_terms(out.logits, targets, loss_mask(batch))
-        loss = terms["ce"] + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
+            out = self.model(inputs, **on)
+            terms = {"ce": lm_loss(out.logits, targets, mask)} if logit_terms is None else logit_terms(
+                out.logits, targets, mask)
+        head = terms.pop("head", None)
+        loss = (terms["ce"] if head is None else head) + self.optim.aux_coef * out.aux_loss + self.optim.z_coef * out.z_loss
         return {"loss": loss, **terms, "aux": out.aux_loss, "z": out.z_loss}, out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
