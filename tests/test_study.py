@@ -92,14 +92,14 @@ VAL = {
 }
 
 
-def write_jobs(root: Path, claims: str | None = "paper") -> None:
+def write_jobs(root: Path, claims: str | None = "paper", values: dict[str, list[float]] = VAL) -> None:
     for seed in range(3):
         job = root / str(seed)
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "study": {"claims": claims}}))
         (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}"]))
         models = {n: {"val_loss": v[seed], "test_loss": v[seed] + 0.05, "params_total": 1000,
-                      "params_experts": 400 if n == "teacher" else 800} for n, v in VAL.items()}
+                      "params_experts": 400 if n == "teacher" else 800} for n, v in values.items()}
         (job / "report.json").write_text(json.dumps({"models": models}))
 
 
@@ -124,6 +124,24 @@ def test_claims_against_a_hand_computed_reference(tmp_path):
     d = [a - b for a, b in zip(VAL["mos75_kd50"], VAL["mos75_kd_full"])]
     assert c3b["diff"]["se"] == pytest.approx(statistics.stdev(d) / math.sqrt(3))
     assert c3b["verdict"] == "inconclusive" and not c3b["exceeds_2se"]
+
+
+@pytest.mark.parametrize("baseline, verdict", [
+    ([3.95, 3.97, 3.93], "did not hold"),  # PR-MoE worse by 0.05 in every seed: beyond noise
+    ([3.90, 4.02, 3.98], "inconclusive"),  # diffs 0.10, 0, 0: within noise, but not within the 1% margin
+    ([4.005, 4.025, 3.985], "held"),       # worse by 0.005 < the margin (0.01005 nats), no spread
+])
+def test_claim_one_is_non_inferiority_with_a_one_percent_margin(tmp_path, baseline, verdict):
+    write_jobs(tmp_path, values={"teacher": VAL["teacher"], "standard_moe": baseline})
+    (c1,) = [c for c in check_claims(job_reports(tmp_path)) if c["claim"] == 1]
+    assert c1["verdict"] == verdict
+
+
+def test_kd_rows_compare_each_student_with_its_no_kd_twin(tmp_path):
+    write_jobs(tmp_path, values={"teacher": VAL["teacher"], "mos75_no_kd": [4.2, 4.3, 4.25],
+                                 "mos75_kd70": [4.1, 4.2, 4.15]})
+    (row,) = [c for c in check_claims(job_reports(tmp_path)) if c["claim"] == "kd"]
+    assert row["diff"]["mean"] == pytest.approx(-0.1) and row["verdict"] == "KD helps"
 
 
 def test_sweep_report_adds_the_claims_only_for_the_paper_study(tmp_path, capsys):
