@@ -13,8 +13,10 @@ results). Resolved once, by distill/resolve.py, into `StudentPlan`s and baseline
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -75,6 +77,21 @@ def _merged(base: Any, changes: dict[str, Any], key: str) -> DictConfig:
         raise ConfigError(key, str(err).splitlines()[0], "use keys of the node it changes.") from None
 
 
+@contextlib.contextmanager
+def _study_keys(prefix: str, node: str, changes: Mapping[str, Any]) -> Iterator[None]:
+    """A ConfigError about a key of `node` (kd / student / model) whose value the study set is renamed to the study's
+    key (`prefix`.<key>), so that it names what to fix; a value that came from the run's own node keeps its key."""
+    try:
+        yield
+    except ConfigError as err:
+        key, value = err.key.removeprefix(node + "."), changes
+        for part in key.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                raise
+            value = value[part]
+        raise ConfigError(f"{prefix}.{key}", err.problem, err.fix) from None
+
+
 def resolve_study(study: DictConfig, kd: DictConfig, student: StudentConfig, teacher: ModelConfig,
                   max_steps: int, kd_group: Any) -> tuple[dict[str, StudentPlan], dict[str, ModelConfig]]:
     """The study's students (each with its schedule, architecture derived from ``teacher`` and init) and
@@ -89,17 +106,21 @@ def resolve_study(study: DictConfig, kd: DictConfig, student: StudentConfig, tea
         s = OmegaConf.to_object(_merged(StudyStudent(), entry or {}, f"study.students.{name}"))
         assert isinstance(s, StudyStudent)
         group = kd_group(kd, s.kd_group, max_steps).cfg  # conf/kd/<group>.yaml over the run's kd node
-        kd_cfg = OmegaConf.to_object(_merged(group, s.kd, f"study.students.{name}.kd"))
-        init = OmegaConf.to_object(_merged(student, s.student, f"study.students.{name}.student"))
-        assert isinstance(kd_cfg, KDConfig) and isinstance(init, StudentConfig)
-        init = init.validate()
-        plans[name] = StudentPlan(KDSchedule(kd_cfg, max_steps), derive_student(teacher, init), init)
+        with _study_keys(f"study.students.{name}.kd", "kd", s.kd):
+            kd_cfg = OmegaConf.to_object(_merged(group, s.kd, f"study.students.{name}.kd"))
+            assert isinstance(kd_cfg, KDConfig)
+            schedule = KDSchedule(kd_cfg, max_steps)
+        with _study_keys(f"study.students.{name}.student", "student", s.student):
+            init = OmegaConf.to_object(_merged(student, s.student, f"study.students.{name}.student"))
+            assert isinstance(init, StudentConfig)
+            init = init.validate()
+            plans[name] = StudentPlan(schedule, derive_student(teacher, init), init)
     baselines: dict[str, ModelConfig] = {}
     for name, changes in cfg.baselines.items():
         _check_name(name, f"study.baselines.{name}")
         if name in plans:
             raise ConfigError(f"study.baselines.{name}", "is also the name of a student.", "rename one of them.")
         node = _merged(teacher, dict(changes), f"study.baselines.{name}")
-        model = ModelConfig.from_dict(OmegaConf.to_container(node))  # type: ignore[arg-type]
-        baselines[name] = model.validate()
+        with _study_keys(f"study.baselines.{name}", "model", changes):
+            baselines[name] = ModelConfig.from_dict(OmegaConf.to_container(node)).validate()  # type: ignore[arg-type]
     return plans, baselines

@@ -68,9 +68,11 @@ def test_paper_claims_study_resolves_every_point():
 
 
 @pytest.mark.parametrize("override, key", [
-    ("+study.students.bad={student: {depth_ratio: 2.0}}", "student.depth_ratio"),
+    ("+study.students.bad={student: {depth_ratio: 2.0}}", "study.students.bad.student.depth_ratio"),
+    ("+study.students.bad={kd: {stop_fraction: 1.5}}", "study.students.bad.kd.stop_fraction"),
     ("+study.students.bad={kd: {stop_fractoin: 0.5}}", "study.students.bad.kd"),
-    ("+study.baselines.moe={moe: {top_k: 99}}", "model.moe.top_k"),
+    ("+study.baselines.moe={moe: {top_k: 99}}", "study.baselines.moe.moe.top_k"),
+    ("student.depth_ratio=2.0", "student.depth_ratio"),  # the run's own value keeps the run's key
     ("+study.students.BadName={kd_group: none}", "study.students.BadName"),
 ])
 def test_bad_study_names_the_key(override, key):
