@@ -1,6 +1,6 @@
 """Next-token cross-entropy over valid tokens (the model itself computes no loss), on whole logits or on
-logits sharded on the vocabulary by tensor parallelism (`distill.parallel.vocab`); `ce_chunk`, its per-chunk
-terms and gradient for the fused LM head (`distill.kd.fused`: training never builds the full logits)."""
+logits sharded on the vocabulary by tensor parallelism (`distill.parallel.vocab`). The fused LM head's per-chunk
+cross-entropy is in `distill.kd.dense_chunk`."""
 
 from __future__ import annotations
 
@@ -34,22 +34,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | No
     if mask is not None:
         valid = valid & mask.reshape(-1).bool()
     return (losses * valid).sum() / valid.sum().clamp(min=1)
-
-
-def ce_chunk(logits: torch.Tensor, targets: torch.Tensor,
-             need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cross-entropy per token [c] of one chunk of float logits [c, V] against `targets` [c] (0 where the target is
-    -100) and, if need_grad, its gradient w.r.t. the logits, softmax - onehot [c, V] (0 on those rows). `logits` is
-    not modified. The per-chunk step of the fused LM head (`distill.kd.fused`), equal to `lm_loss`'s terms."""
-    ok = targets != IGNORE_INDEX
-    tgt = targets.clamp(min=0)[:, None]
-    lse = logits.logsumexp(-1)
-    loss = torch.where(ok, lse - logits.gather(-1, tgt).squeeze(1), 0.0)
-    if not need_grad:
-        return loss, None
-    grad = (logits - lse[:, None]).exp_()
-    grad.scatter_add_(-1, tgt, torch.full(tgt.shape, -1.0, dtype=grad.dtype, device=grad.device))
-    return loss, grad.mul_(ok[:, None].to(grad.dtype))
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distill.config import OptimConfig
 from distill.kd import KDConfig, KDSchedule, kd_loss, teacher_topk
+from distill.kd.dense_chunk import CHUNK_BYTES, MIN_ROWS, cache_rows
 from distill.kd.fused import TeacherHidden, fused_head_loss
 from distill.kd.sparse import lm_sparse_kd_loss
 from distill.losses import lm_loss
@@ -91,15 +92,51 @@ def test_ce_and_kd_equal_the_unfused_losses(kind, beta, temperature, chunk, teac
 
 
 @pytest.mark.parametrize("kind,beta", KINDS)
-def test_kd_alone_without_mask_in_float64(kind, beta):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("with_targets", [True, False])  # without: no CE at all (its log-softmax is not shared)
+def test_kd_alone_without_mask_in_float64(kind, beta, temperature, with_targets):
     h, w, h_t, w_t, targets, _ = inputs(torch.float64)
-    fused = fused_head_loss(h, w, targets, None, teacher=TeacherHidden(h_t, w_t), loss=kind, temperature=2.0,
-                            beta=beta, chunk_size=10, ce_weight=0.0, kd_weight=1.0)
-    ref = kd_loss(h @ w.T, h_t @ w_t.T, None, loss=kind, temperature=2.0, beta=beta)
+    fused = fused_head_loss(h, w, targets if with_targets else None, None, teacher=TeacherHidden(h_t, w_t),
+                            loss=kind, temperature=temperature, beta=beta, chunk_size=10, ce_weight=0.0, kd_weight=1.0)
+    ref = kd_loss(h @ w.T, h_t @ w_t.T, None, loss=kind, temperature=temperature, beta=beta)
     assert fused.loss.dtype == torch.float64
     g_ref, g_fused = torch.autograd.grad(ref, (h, w)), torch.autograd.grad(fused.loss, (h, w))
     for got, want in zip((fused.loss, *g_fused), (ref, *g_ref)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,beta", [k for k in KINDS if k[0] != "reverse_kl"])  # KL(q || 0) is infinite
+def test_teacher_logits_with_masked_entries(kind, beta):
+    """Teacher logits given whole may hold -inf (a Hugging Face teacher's masked entries): the terms where the
+    teacher's probability is 0 are dropped, as in the unfused loss, never 0 * -inf = NaN."""
+    h, w, h_t, w_t, targets, mask = inputs()
+    t_logits = h_t @ w_t.T
+    t_logits[..., 3] = float("-inf")
+    t_logits[0, 0, 5:9] = float("-inf")
+    fused = fused_head_loss(h, w, targets, mask, teacher=t_logits, loss=kind, beta=beta, chunk_size=5,
+                            kd_weight=0.9)
+    logits = h @ w.T
+    ref = lm_loss(logits, targets, mask) + 0.9 * kd_loss(logits, t_logits, mask, loss=kind, beta=beta)
+    assert torch.isfinite(fused.loss)
+    check(fused.loss, ref, h, w, f"{kind} with -inf teacher logits")
+
+
+def test_cpu_chunks_are_capped_to_the_cache():
+    """On CPU a chunk holds at most CHUNK_BYTES of fp32 logits (never under MIN_ROWS rows, never over
+    kd.chunk_size); the result is the same whatever the chunking (300 rows of an 8,192 vocabulary: 128-row chunks
+    and a remainder)."""
+    cpu = torch.device("cpu")
+    assert cache_rows(1024, 8192, cpu) == MIN_ROWS == 128  # 2 MiB / 32 KiB = 64 rows, raised to the floor
+    assert cache_rows(1024, 1000, cpu) == CHUNK_BYTES // 4000 == 524
+    assert cache_rows(64, 8192, cpu) == 64 and cache_rows(1024, 8192, torch.device("meta")) == 1024
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(300, 8, generator=g).requires_grad_()
+    w = (torch.randn(8192, 8, generator=g) * 0.3).requires_grad_()
+    h_t, w_t = torch.randn(300, 8, generator=g), torch.randn(8192, 8, generator=g) * 0.3
+    targets = torch.randint(0, 8192, (300,), generator=g)
+    fused = fused_head_loss(h, w, targets, teacher=TeacherHidden(h_t, w_t), chunk_size=1024)
+    logits = h @ w.T
+    check(fused.loss, lm_loss(logits, targets) + kd_loss(logits, h_t @ w_t.T, None), h, w, "capped chunks")
 
 
 @pytest.mark.parametrize("chunk", [4, 7, 1024])

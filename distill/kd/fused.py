@@ -11,8 +11,9 @@ and `kd_loss` / `lm_sparse_kd_loss`), with the teacher given as
     TopK                            offline sparse targets (`distill.kd.sparse`);
     None                            the cross-entropy alone (pretraining).
 
-The per-chunk math is that of the unfused losses (`distill.losses.ce_chunk`, `distill.kd.losses._divergence`,
-`distill.kd.sparse_chunk.sparse_chunk` / `sparse_grad`). Liger-Kernel's technique, in plain torch for CPU and
+The per-chunk math is `distill.kd.dense_chunk` (CE, the KD divergences of `distill.kd.losses._divergence`, one
+log-softmax shared where it can be) and `distill.kd.sparse_chunk.sparse_chunk` / `sparse_grad`; on CPU a chunk
+is at most a few hundred rows, so that its [rows, V] tensors stay in cache (`dense_chunk.cache_rows`). Liger-Kernel's technique, in plain torch for CPU and
 GPU: the gradient d loss / d s_c is made in the forward, then at once grad_h[c] = g_c W and grad_W += g_c^T h_c,
 so the backward only scales the two stored gradients by grad_out.
 
@@ -23,12 +24,13 @@ double the head-gradient memory and the backward matmuls.
 
 Precision: the logits and every softmax are in at least fp32; the head matmuls run in the inputs' dtype, or
 in the autocast dtype when autocast is on for the device (as the unfused head would), accumulated in fp32.
-Memory: per chunk about nine [chunk, V] fp32 tensors at the peak (student and teacher logits, log-softmaxes,
-the teacher's probabilities, the CE and KD gradients; measured 8.5 for CE + forward KL), freed before the next
-chunk; for the whole call grad_h [N, d] and grad_W [V, d] in fp32, plus W (and the teacher's head) in the matmul
-dtype when it differs. The full [N, V] logits of neither model ever exist: at 4,096 tokens x 32,000 entries and
-chunks of 256 the step's peak is about 1/11 of the unfused one (tests/test_fused_head.py), and the ratio falls
-as tokens grow (the chunk size, not N, sets it).
+Memory: per chunk about six [chunk, V] fp32 tensors at the peak with CE + forward KL at temperature 1 (student
+and teacher logits, their log-softmaxes, the teacher's probabilities, the gradient in place of the student's
+log-softmax), up to nine for the other divergences, freed before the next chunk; for the whole call grad_h
+[N, d] and grad_W [V, d] in fp32, plus W (and the teacher's head) in the matmul dtype when it differs. The full
+[N, V] logits of neither model ever exist: at 4,096 tokens x 32,000 entries the step's peak is 103 MiB against
+3,002 MiB unfused (tests/test_fused_head.py: 128-row chunks on CPU), and the ratio falls as tokens grow (the
+chunk size, not N, sets it).
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from distill.kd.losses import _compute_dtype, _divergence
+from distill.kd.dense_chunk import cache_rows, dense_chunk
+from distill.kd.losses import _compute_dtype
 from distill.kd.schedule import KDConfig, _check_loss_args
 from distill.kd.sparse import TopK, _check_k
 from distill.kd.sparse_chunk import sparse_chunk, sparse_grad
-from distill.losses import IGNORE_INDEX, ce_chunk
+from distill.losses import IGNORE_INDEX
 
 
 class TeacherHidden(NamedTuple):
@@ -105,8 +108,9 @@ class _FusedHead(torch.autograd.Function):
         ce_total, kd_total, t_total = zeros(), zeros(), zeros()
         n_kd, T = max(rows.numel(), 1), spec.temperature
         a_ce, a_kd = spec.ce_weight / n_ce.to(cdt), spec.kd_weight / n_kd
-        for start in range(0, rows.numel(), spec.chunk_size):
-            idx = rows[start:start + spec.chunk_size]
+        step = cache_rows(spec.chunk_size, weight.shape[0], hidden.device)
+        for start in range(0, rows.numel(), step):
+            idx = rows[start:start + step]
             span = slice(start, start + idx.numel())
             h_c = (hidden[span] if contiguous else hidden.index_select(0, idx)).to(mm)
             s = (h_c @ w_mm.T).to(cdt)
@@ -122,28 +126,28 @@ class _FusedHead(torch.autograd.Function):
                     g = sparse_grad(c.z, c.coef, c.h_k, c.q_k, c.ce_ok, c.q1, teacher.ids.index_select(0, idx), tgt,
                                     a_kd * T, a_ce)
             else:
-                if tgt is not None:
-                    ce, g = ce_chunk(s, tgt, need)
-                    ce_total += ce.sum()
-                    g = g.mul_(a_ce) if g is not None else None
-                if teacher is not None:
-                    t = teacher.dense(idx, cdt)
-                    if spec.teacher_ce and tgt is not None:
-                        t_total += ce_chunk(t, tgt, False)[0].sum()
-                    kd, g_kd = _divergence(s, t, spec.kind, T, spec.beta, need_grad=need)
-                    kd_total += kd.sum()
-                    if g_kd is not None:
-                        g = g_kd.mul_(a_kd) if g is None else g.add_(g_kd, alpha=a_kd)
+                t = None if teacher is None else teacher.dense(idx, cdt)
+                ce, kd, t_ce, g = dense_chunk(s, t, tgt, kind=spec.kind, temperature=T, beta=spec.beta, a_ce=a_ce,
+                                              a_kd=a_kd, need=need, teacher_ce=spec.teacher_ce,
+                                              finite_teacher=teacher is not None and teacher.logits is None)
+                ce_total += 0.0 if ce is None else ce.sum()
+                kd_total += 0.0 if kd is None else kd.sum()
+                t_total += 0.0 if t_ce is None else t_ce.sum()
             if g is None:
                 continue
             g = g.to(mm)
             if need_h:
-                if contiguous:
+                if contiguous and mm == cdt:
+                    torch.mm(g, w_mm, out=grad_h[span])
+                elif contiguous:
                     grad_h[span] = g @ w_mm
                 else:
                     grad_h.index_copy_(0, idx, (g @ w_mm).to(cdt))
             if need_w:
-                grad_w += (g.T @ h_c).to(cdt)
+                if mm == cdt:
+                    grad_w.addmm_(g.T, h_c)
+                else:
+                    grad_w += (g.T @ h_c).to(cdt)
         ce, kd, t_ce = ce_total / n_ce.to(cdt), kd_total / n_kd, t_total / n_ce.to(cdt)
         ctx.grads = (grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
