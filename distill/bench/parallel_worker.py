@@ -38,10 +38,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distill.config import OptimConfig
 from distill.losses import lm_loss
 from distill.models import GPT, ModelConfig
 from distill.moe import MoEConfig
 from distill.parallel.config import ParallelConfig
+from distill.train.optim import build_optimizer
 
 SEQ, GLOBAL_BATCH, VOCAB = 128, 8, 4096
 AUX_COEF, CLIP = 0.01, 1.0
@@ -60,7 +62,9 @@ def teacher_config() -> ModelConfig:
 
 
 def parse_layout(text: str) -> ParallelConfig:
-    return ParallelConfig(**{k: int(v) for k, v in (kv.split("=") for kv in text.split(","))})
+    """`key=value,...` of the `parallel` node: integers, or true/false."""
+    return ParallelConfig(**{k: v == "true" if v in ("true", "false") else int(v)
+                             for k, v in (kv.split("=") for kv in text.split(","))})
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -119,6 +123,11 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor
     opt.step()
 
 
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """The app's optimizer (`build_optimizer`: torch's AdamW on one process, on local shards on a mesh)."""
+    return build_optimizer(model, OptimConfig(lr=1e-4), max_steps=1000)[0]
+
+
 def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, parallel: bool,
                copies: int = 1) -> list[float]:
     """[wall, CPU time of this process (all its threads)] of one training step."""
@@ -148,7 +157,7 @@ def one(teacher_dir: str) -> dict[str, Any]:
 
     torch.manual_seed(0)
     model = GPT(bench_config())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model)
     train_step(model, opt, global_batch(), parallel=False)
     return {"load": load, "bytes": state_bytes(model, opt)}
 
@@ -199,12 +208,12 @@ def train(layouts: list[str], timed: list[str], steps: int, warmup: int) -> dict
     if rank == 0 and timed:  # one process, the whole model and global batch, timed step by step in turn
         torch.manual_seed(0)
         ref = GPT(bench_config())
-        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+        ref_opt = adamw(ref)
     for text in layouts:
         torch.manual_seed(0)
         layout = parse_layout(text).resolve(world)
         model = parallelize(GPT(bench_config()), ParallelMesh(layout))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = adamw(model)
         # one micro-batch per data-parallel rank; a tensor-parallel group shares it
         batch = global_batch().split(GLOBAL_BATCH // layout.data_parallel)[rank // layout.tp]
         train_step(model, opt, batch, parallel=True, copies=layout.tp)
@@ -228,11 +237,11 @@ def scale(text: str, steps: int, warmup: int, one_threads: list[int]) -> dict[st
     rank = dist.get_rank()
     torch.manual_seed(0)
     ref = GPT(bench_config())
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    ref_opt = adamw(ref)
     torch.manual_seed(0)
     layout = parse_layout(text).resolve(dist.get_world_size())
     model = parallelize(GPT(bench_config()), ParallelMesh(layout))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model)
     batch = global_batch().split(GLOBAL_BATCH // layout.data_parallel)[rank // layout.tp]
     times: list[list[float]] = []
     for i in range(warmup + steps):

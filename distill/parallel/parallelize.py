@@ -13,7 +13,10 @@ nothing here imports Lightning). Works on a model built on the meta device (then
    then per block the dense parameters over all data-parallel ranks, then the root (embeddings, final norm,
    head). The expert gradients are divided by the number of data-parallel ranks, not by the replicas of
    each expert: the all-to-all backward already summed the g ranks of the group, so the result equals data
-   parallelism with replicated experts.
+   parallelism with replicated experts. Where the ranks holding the same experts are this rank alone (ep
+   takes every data-parallel rank, e.g. ep=2 on 2 ranks) and no mixed precision casts them, the experts stay
+   out of FSDP (nothing to shard, gather or reduce; FSDP would only copy them in and out each step): their
+   gradients are divided by the data-parallel ranks as they leave the local weights (`_ScaleGrad`).
 """
 
 from __future__ import annotations
@@ -46,11 +49,26 @@ def check_moe_layers(root: nn.Module, ep: int, what: str = "an MoE layer", key: 
         layer_group_size(layer.num_experts, ep, what, key)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """The identity whose backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
 class _LocalExpertWeights:
     """Forward hooks of a GroupedExperts module whose parameters are DTensors: inside its forward the
-    parameters are their local tensors (differentiable views: the gradient reaches the DTensor)."""
+    parameters are their local tensors (differentiable views: the gradient reaches the DTensor), their
+    gradients multiplied by `grad_scale` on the way (set where no FSDP reduction divides them)."""
 
     def __init__(self, module: nn.Module):
+        self.grad_scale = 1.0
         self.swapped: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         module.register_forward_pre_hook(self.pre)
         module.register_forward_hook(self.post, prepend=True)  # before FSDP's post-forward reshard
@@ -59,6 +77,8 @@ class _LocalExpertWeights:
         for name, p in list(module._parameters.items()):
             if isinstance(p, DTensor):
                 local = p.to_local()
+                if self.grad_scale != 1.0 and torch.is_grad_enabled() and p.requires_grad:
+                    local = _ScaleGrad.apply(local, self.grad_scale)
                 module._parameters[name] = local  # type: ignore[assignment]
                 self.swapped[name] = (p, local)
 
@@ -70,7 +90,7 @@ class _LocalExpertWeights:
 
 
 def shard_experts(layer: MoELayer, ep_mesh: Any, timer: CommTimer | None = None, dispatcher: Any = None,
-                  traffic: Traffic | None = None, param_mesh: Any = None) -> None:
+                  traffic: Traffic | None = None, param_mesh: Any = None) -> _LocalExpertWeights:
     """Keep this rank's dim-0 slice of the layer's experts as DTensors on `ep_mesh`; all-to-all dispatch
     (`dispatcher`, or the flat one over `ep_mesh`). With a 2-D `param_mesh` (ep, tp), also this rank's slice
     of the hidden units (the dispatcher then sums the slices' outputs: `TensorExpertDispatcher`)."""
@@ -92,7 +112,7 @@ def shard_experts(layer: MoELayer, ep_mesh: Any, timer: CommTimer | None = None,
     experts.expert_offset = pos * n
     layer.dispatcher = dispatcher or (AllToAllDispatcher(ep_mesh.get_group(), g, n, timer, traffic) if g > 1
                                       else LocalDispatcher())
-    _LocalExpertWeights(experts)
+    return _LocalExpertWeights(experts)
 
 
 def _expert_fsdp_dim(experts: GroupedExperts, tp: int) -> Any:
@@ -119,6 +139,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, layout: ParallelConfig | N
     shard = dict(reshard_after_forward=layout.reshard_after_forward, mp_policy=mp)
     if mesh.tp is not None:
         tensor_parallel_dense(model, mesh.tp, layout.sequence_parallel)
+    own: set[nn.Parameter] = set()  # expert parameters outside FSDP (a one-rank expert-data-parallel group)
     for block in model.blocks:
         for _, layer in moe_layers(block):
             g = layer_group_size(layer.num_experts, layout.ep)
@@ -134,15 +155,19 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, layout: ParallelConfig | N
             if layout.tp > 1:  # dropping duplicates only pays when tokens move (g > 1)
                 inner = TensorExpertDispatcher(inner or LocalDispatcher(), param_mesh.get_group(1),
                                                layout.drop_duplicate_tokens and g > 1, traffic)
-            shard_experts(layer, ep_mesh, timer, inner, traffic, param_mesh)
+            local = shard_experts(layer, ep_mesh, timer, inner, traffic, param_mesh)
+            if fsdp_mesh.size() == 1 and mp.param_dtype is None:  # nothing to shard, gather or reduce: no FSDP
+                local.grad_scale = 1.0 / layout.data_parallel
+                own.update(layer.experts.parameters())
+                continue
             fully_shard(layer.experts, mesh=fsdp_mesh, shard_placement_fn=_expert_fsdp_dim(layer.experts, layout.tp),
                         **shard)
             layer.experts.set_gradient_divide_factor(float(layout.data_parallel))
             if mesh.device_type == "cpu" and fsdp_mesh.size() > 1:  # gloo has no pre-multiplied sum: SUM, scale
                 layer.experts.set_force_sum_reduction_for_comms(True)
         checkpoint_block(block, layout.activation_checkpointing)
-        fully_shard(block, mesh=mesh.dense, **shard)
-    fully_shard(model, mesh=mesh.dense, reshard_after_forward=False, mp_policy=mp)
+        fully_shard(block, mesh=mesh.dense, ignored_params=own or None, **shard)
+    fully_shard(model, mesh=mesh.dense, reshard_after_forward=False, mp_policy=mp, ignored_params=own or None)
     return model
 
 
