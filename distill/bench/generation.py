@@ -3,8 +3,9 @@ their weights), measured as the pipeline's report does (`distill.evaluate.genera
 generation, warm-up, then timed runs). Goal: their tokens/s within 10% of each other (spread = (max - min) /
 median of the three), since equal architectures must generate equally fast.
 
-Each round times every student once, in a fresh random order (a noisy machine slows all three alike); the
-spread of each round is one sample of the figure (`--reps N`: N rounds, default 5).
+Each round measures every student as a report would (after a warm-up, the median of 5 timed runs), the runs of
+the three interleaved in a fresh random order (a noisy machine slows all three alike); the spread of each round
+is one sample of the figure (`--reps N`: N rounds, default 5).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from students.config import StudentConfig
 from students.mos import derive_student
 
 NEW_TOKENS, BATCH, PROMPT = 64, 4, 16
-ROUNDS = 5
+ROUNDS, RUNS = 5, 5
 NAMES = ("student_staged_kd", "student_no_kd", "student_full_kd")
 
 
@@ -36,23 +37,33 @@ def main() -> None:
         torch.manual_seed(seed)
         students[name] = GPT(student_cfg).eval()
 
-    def speed(model: torch.nn.Module, warmup: int = 0) -> float:
+    def run(model: torch.nn.Module, warmup: int = 0) -> float:  # one timed generation
         return generation_speed(model, VOCAB, NEW_TOKENS, BATCH, PROMPT, repeats=1, warmup=warmup)["median"]
 
+    def speeds(order: list[str]) -> dict[str, float]:
+        """The pipeline's figure for each student, its median of RUNS timed runs (after the warm-up), the runs of
+        the three interleaved: a burst of machine noise slows all three alike."""
+        runs: dict[str, list[float]] = {name: [] for name in order}
+        for _ in range(RUNS):
+            for name in order:
+                runs[name].append(run(students[name]))
+        return {name: statistics.median(r) for name, r in runs.items()}
+
     for model in students.values():
-        speed(model, warmup=1)
+        run(model, warmup=1)
     per: dict[str, list[float]] = {name: [] for name in NAMES}
     spreads = []
     order, rng = list(NAMES), random.Random(0)
     for _ in range(reps(ROUNDS)):
         rng.shuffle(order)
-        for name in order:
-            per[name].append(speed(students[name]))
+        for name, v in speeds(order).items():
+            per[name].append(v)
         this = [per[name][-1] for name in NAMES]
         spreads.append(100 * (max(this) - min(this)) / statistics.median(this))
     print(f"3 students of {student_cfg.name} ({GPT(student_cfg).num_params() / 1e6:.2f}M params, different "
           f"weights), greedy KV-cache generation of {NEW_TOKENS} tokens x batch {BATCH} after a {PROMPT}-token "
-          f"prompt, CPU threads {torch.get_num_threads()}; one run each per round, {len(spreads)} rounds")
+          f"prompt, CPU threads {torch.get_num_threads()}; per round each student's median of {RUNS} runs (the "
+          f"three interleaved) after a warm-up, {len(spreads)} rounds")
     for name in NAMES:
         record(f"{name} generation tokens/s", per[name], unit="tokens/s", better="higher")
         print(f"  {name:24s} {fmt(per[name], 0):>24s} tokens/s")

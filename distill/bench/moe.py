@@ -2,7 +2,8 @@
 
 For T tokens, width d, expert hidden f, E experts and top-k, the dense baseline is an FFN of hidden
 size k*f on the same tokens (same FLOPs as the routed experts, so about 1.0 is the physical limit).
-Compared: the MoE layer (dropless, with its CPU expert kernel and with the loop reference; and with capacity
+Compared: the experts alone on pre-grouped rows (their matmuls and activation: the floor of the MoE layer on
+this CPU, as E smaller matmuls each read their own weights), the MoE layer (dropless, with its CPU expert kernel and with the loop reference; and with capacity
 factor 1.25) and the one-hot einsum (GShard-style) dispatch of older systems with capacity factor 1.25, as the
 baseline to beat. Each MoE / dense ratio is recorded (`distill.bench.record`) with one sample per interleaved
 round (`--reps N`: N rounds, default 10); the MoE layer's has the goal "<= 1.15".
@@ -75,8 +76,18 @@ def bench_case(num_experts: int, k: int, rounds: int, clock: Callable[[], float]
     def dense_step() -> None:
         dense(x).backward(grad)
 
+    with torch.no_grad():  # the experts alone: their matmuls and activations on rows already grouped by expert
+        counts = torch.bincount(dropless.router(x).expert_idx.flatten(), minlength=num_experts)
+    rows = torch.randn(T * k, D, requires_grad=True)
+    grad_rows = torch.randn(T * k, D)
+
+    def experts_step() -> None:
+        rows.grad = None
+        dropless.experts(rows, counts).backward(grad_rows)
+
     fns = {
         "dense": dense_step,
+        "experts": experts_step,
         "moe": lambda: moe_step(dropless),
         "loop": lambda: moe_step(loop),
         "capped": lambda: moe_step(capped),
@@ -94,7 +105,7 @@ def bench_case(num_experts: int, k: int, rounds: int, clock: Callable[[], float]
         drop = capped(x)[1].drop_fraction.item()
     row: dict[str, object] = {"dense_ms": 1e3 * statistics.median(times["dense"]), "drop": drop}
     row["moe_ms"] = 1e3 * statistics.median(times["moe"])
-    for name in ("moe", "loop", "capped"):
+    for name in ("moe", "experts", "loop", "capped"):
         row[name] = ratios(times[name], times["dense"])
     row["einsum"] = ratios(slow["einsum"], slow["dense"])
     return row
@@ -106,6 +117,8 @@ def main(rounds: int | None = None) -> None:
     print(f"ratio = median over {rounds} interleaved rounds (einsum: {max(3, rounds // 3)}) after warm-up; "
           "moe: median (farthest round from it, rounds)")
     print("  moe    = MoE layer, dropless, CPU expert kernel  loop   = same, argsort+split+unbind loop")
+    print("  experts = the MoE layer's experts alone on rows already grouped by expert (no router, no gather or")
+    print("           scatter): what E small matmuls cost against one large one, the floor of `moe` on this CPU")
     print("           (one mm per expert; with 2+ threads, experts side by side on 1-thread workers)")
     print(
         f"  capped = MoE layer, capacity factor {CAPACITY_FACTOR}      einsum = one-hot GShard dispatch, same cf"
@@ -129,10 +142,11 @@ def main(rounds: int | None = None) -> None:
                 r = bench_case(num_experts, k, rounds, clock)
                 case = f"E={num_experts} k={k}, {threads} thread{'s' if threads > 1 else ''}"
                 record(f"MoE / dense fwd+bwd, {case}", r["moe"], goal="<= 1.15")
-                med = {name: record(f"{name} / dense fwd+bwd, {case}", r[name]) for name in ("loop", "capped", "einsum")}
+                med = {name: record(f"{name} / dense fwd+bwd, {case}", r[name])
+                       for name in ("experts", "loop", "capped", "einsum")}
                 print(
                     f"{threads:>7} {num_experts:>3} {k:>2} {r['dense_ms']:>9.1f} {r['moe_ms']:>7.1f} "
-                    f"{fmt(r['moe'], 2):>22} {med['loop']:>6.2f} {med['capped']:>7.2f} {100 * r['drop']:>6.1f} "
+                    f"{fmt(r['moe'], 2):>22} {med['experts']:>8.2f} {med['loop']:>6.2f} {med['capped']:>7.2f} {100 * r['drop']:>6.1f} "
                     f"{med['einsum']:>7.2f} {os.getloadavg()[0]:>5.1f}",
                     flush=True,
                 )
