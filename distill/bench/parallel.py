@@ -33,7 +33,6 @@ import statistics
 import struct
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +221,6 @@ def main(steps: int | None = None, warmup: int = 2) -> None:
     from distill.bench.parallel_worker import bench_config, teacher_config
 
     steps = reps(8) if steps is None else steps
-    t0 = time.perf_counter()
     cfg, tcfg = bench_config(), teacher_config()
     print(f"gloo on CPU, {WORLD} ranks = {WORLD} processes of one thread each. Model: d={cfg.d_model} "
           f"layers={cfg.n_layers} experts={cfg.num_experts} top-{cfg.moe.top_k} dropless vocab={cfg.vocab_size}; "
@@ -243,7 +241,6 @@ def main(steps: int | None = None, warmup: int = 2) -> None:
         threads = ",".join(map(str, SCALE_THREADS))
         print_scale(label, run("scale", [layout, str(steps), str(warmup), threads], SCALE_WORLD)["ranks"], steps)
     print_scale_footer()
-    print(f"\n  ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from teachers.native import ExportTeacher
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml"
 VOCAB, SEQ, BATCH = 4096, 128, 16
-STEPS, SKIP, ROUNDS = 14, 4, 5
+STEPS, SKIP, ROUNDS = 14, 4, 7
 
 
 class RandomBlocks(Dataset):
