@@ -32,7 +32,7 @@ def run_pipeline(spec: RunSpec) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from distill.data import format_stats
-    from distill.evaluate import generation_speed
+    from distill.evaluate import generation_speeds
     from distill.report import markdown_table, write_report
     from distill.runinfo import write_run_info
     from distill.stage import distill_stage, prepare_data, pretrain_stage, run_stage
@@ -59,11 +59,17 @@ def run_pipeline(spec: RunSpec) -> dict[str, Any]:
     evaluate = settings.evaluate and rank_zero_only.rank == 0
     batch = dm.cfg.eval_batch_size or dm.cfg.batch_size
 
+    def speeds(trained: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Generation speed of the models together, their runs interleaved (a warm-up each, then the median of 5
+        runs and their spread): a slow spell of the machine slows them alike, so equal architectures measure
+        alike."""
+        g = generation_speeds(trained, dm.vocab_size, settings.gen_tokens, settings.gen_batch)
+        return {n: {"gen_tokens_per_s": r["median"], "gen_tokens_per_s_spread": r["spread"]} for n, r in g.items()}
+
     def figures(model: Any, name: str) -> dict[str, Any]:
-        """Generation speed (median of timed runs after a warm-up, and their spread); with evaluate=true test perplexity + the own lm-eval task
-        (distill/evaluate/pipeline_eval.py), else with test_loss=true the test perplexity alone."""
-        g = generation_speed(model, dm.vocab_size, settings.gen_tokens, settings.gen_batch)  # warm-up, median of 5
-        out = {"gen_tokens_per_s": g["median"], "gen_tokens_per_s_spread": g["spread"]}
+        """With evaluate=true test perplexity + the own lm-eval task (distill/evaluate/pipeline_eval.py), else with
+        test_loss=true the test perplexity alone."""
+        out: dict[str, Any] = {}
         if evaluate:
             from distill.evaluate.pipeline_eval import evaluate_for_report
 
@@ -76,9 +82,10 @@ def run_pipeline(spec: RunSpec) -> dict[str, Any]:
         return out
 
     model = teacher.as_gpt()
-    t.update(figures(model, "teacher"))
+    t.update({**figures(model, "teacher"), **speeds({"teacher": model})["teacher"]})
     models["teacher"] = t
     del model
+    trained: dict[str, Any] = {}  # the baselines and students: their generation speed is measured together
     curves: dict[str, list[tuple[int, float]]] = {}
     for name, arch in spec.baselines.items():  # pretrained for the teacher's steps, compared in the report
         b_spec = spec.stage_spec(name, out_dir / name, model=arch,
@@ -86,6 +93,7 @@ def run_pipeline(spec: RunSpec) -> dict[str, Any]:
         b, module = run_stage(b_spec, pretrain_stage(b_spec), dm)
         curves[name] = b.pop("val_history")
         models[name] = {**b, **figures(module.model, name)}
+        trained[name] = module.model
         del module
 
     for name, plan in spec.students.items():
@@ -94,7 +102,11 @@ def run_pipeline(spec: RunSpec) -> dict[str, Any]:
         s, module = run_stage(s_spec, distill_stage(s_spec), dm)
         curves[name] = s.pop("val_history")
         models[name] = {**s, **figures(module.model, name)}
+        trained[name] = module.model
         del module
+    for name, g in speeds(trained).items():
+        models[name].update(g)
+    del trained
 
     notes = pipeline_notes(models, spec)
     if rank_zero_only.rank != 0:  # under DDP every rank runs the stages; one writes the report

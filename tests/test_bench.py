@@ -267,3 +267,25 @@ def test_generation_speed_median_of_runs() -> None:
     assert g["spread"] == pytest.approx((max(g["samples"]) - min(g["samples"])) / g["median"])
     assert model.training  # restored
     assert generation_tokens_per_s(model, 64, 4, 2, repeats=1) > 0
+
+
+def test_generation_speeds_interleave_the_models() -> None:
+    """The pipeline's generation figures: a warm-up of each model, then one timed run of each in turn per round,
+    so that a slow spell of the machine hits every model alike; eval mode during, each model's mode restored."""
+    from distill.evaluate import generation_speeds
+    from distill.models import GPT, ModelConfig
+
+    cfg = ModelConfig(name="g", vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
+    models = {"a": GPT(cfg).train(), "b": GPT(cfg).eval()}
+    calls: list[tuple[str, bool, int]] = []
+    for name, m in models.items():
+        def generate(prompt, *args, _name=name, _m=m, _real=m.generate, **kwargs):
+            calls.append((_name, _m.training, kwargs["max_new_tokens"]))
+            return _real(prompt, *args, **kwargs)
+        m.generate = generate
+    g = generation_speeds(models, 64, new_tokens=4, batch=2, prompt_len=4, repeats=3, warmup=1)
+    assert [c[0] for c in calls] == ["a", "b"] + ["a", "b"] * 3
+    assert not any(training for _, training, _ in calls) and {n for *_, n in calls} == {4}
+    for r in g.values():
+        assert len(r["samples"]) == 3 and min(r["samples"]) <= r["median"] <= max(r["samples"])
+    assert models["a"].training and not models["b"].training

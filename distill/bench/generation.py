@@ -1,12 +1,11 @@
 """Generation speed of three students of identical architecture (the pipeline's three students differ only in
-their weights), measured as the pipeline's report does (`distill.evaluate.generation_speed`: greedy KV-cache
-generation, warm-up, then timed runs). Goal: their tokens/s within 10% of each other (spread = (max - min) /
-median of the three), since equal architectures must generate equally fast.
+their weights), measured as the pipeline's report does (`distill.evaluate.generation_speeds`: greedy KV-cache
+generation of the models together, a warm-up each, then the median of 5 timed runs each, the runs of the models
+interleaved). Goal: their tokens/s within 10% of each other (spread = (max - min) / median of the three), since
+equal architectures must generate equally fast.
 
-Each round measures every student as a report would (after a warm-up, the median of 5 timed runs), the runs of
-the three interleaved in a fresh random order (a noisy machine slows all three alike); the spread of each round
-is one sample of the figure (`--reps N`: N rounds, default 5).
-"""
+Each round measures the three in a fresh random order; the spread of each round is one sample of the figure
+(`--reps N`: N rounds, default 5)."""
 
 from __future__ import annotations
 
@@ -18,13 +17,13 @@ from omegaconf import OmegaConf
 
 from distill.bench import fmt, record, reps
 from distill.bench.train import CONF, VOCAB
-from distill.evaluate import generation_speed
+from distill.evaluate import generation_speeds
 from distill.models import GPT, ModelConfig
 from students.config import StudentConfig
 from students.mos import derive_student
 
 NEW_TOKENS, BATCH, PROMPT = 64, 4, 16
-ROUNDS, RUNS = 5, 5
+ROUNDS, RUNS = 5, 5  # RUNS: generation_speeds' default, the pipeline's
 NAMES = ("student_staged_kd", "student_no_kd", "student_full_kd")
 
 
@@ -37,27 +36,13 @@ def main() -> None:
         torch.manual_seed(seed)
         students[name] = GPT(student_cfg).eval()
 
-    def run(model: torch.nn.Module, warmup: int = 0) -> float:  # one timed generation
-        return generation_speed(model, VOCAB, NEW_TOKENS, BATCH, PROMPT, repeats=1, warmup=warmup)["median"]
-
-    def speeds(order: list[str]) -> dict[str, float]:
-        """The pipeline's figure for each student, its median of RUNS timed runs (after the warm-up), the runs of
-        the three interleaved: a burst of machine noise slows all three alike."""
-        runs: dict[str, list[float]] = {name: [] for name in order}
-        for _ in range(RUNS):
-            for name in order:
-                runs[name].append(run(students[name]))
-        return {name: statistics.median(r) for name, r in runs.items()}
-
-    for model in students.values():
-        run(model, warmup=1)
     per: dict[str, list[float]] = {name: [] for name in NAMES}
     spreads = []
     order, rng = list(NAMES), random.Random(0)
     for _ in range(reps(ROUNDS)):
-        rng.shuffle(order)
-        for name, v in speeds(order).items():
-            per[name].append(v)
+        rng.shuffle(order)  # the pipeline's figure: each student's median of 5 runs, the three interleaved
+        for name, g in generation_speeds({n: students[n] for n in order}, VOCAB, NEW_TOKENS, BATCH, PROMPT).items():
+            per[name].append(g["median"])
         this = [per[name][-1] for name in NAMES]
         spreads.append(100 * (max(this) - min(this)) / statistics.median(this))
     print(f"3 students of {student_cfg.name} ({GPT(student_cfg).num_params() / 1e6:.2f}M params, different "
