@@ -3,8 +3,8 @@
 For T tokens, width d, expert hidden f, E experts and top-k, the dense baseline is an FFN of hidden
 size k*f on the same tokens (same FLOPs as the routed experts, so about 1.0 is the physical limit).
 Compared: the experts alone on pre-grouped rows (their matmuls and activation: the floor of the MoE layer on
-this CPU, as E smaller matmuls each read their own weights), the MoE layer (dropless, with its CPU expert kernel and with the loop reference; and with capacity
-factor 1.25) and the one-hot einsum (GShard-style) dispatch of older systems with capacity factor 1.25, as the
+this CPU, as E smaller matmuls each read their own weights), the MoE layer (dropless, with its CPU expert
+kernel and with the loop reference; and with capacity factor 1.25) and the one-hot einsum (GShard-style) dispatch of older systems with capacity factor 1.25, as the
 baseline to beat. Each MoE / dense ratio is recorded (`distill.bench.record`) with one sample per interleaved
 round (`--reps N`: N rounds, default 10); the MoE layer's has the goal "<= 1.15".
 """
@@ -117,9 +117,9 @@ def main(rounds: int | None = None) -> None:
     print(f"ratio = median over {rounds} interleaved rounds (einsum: {max(3, rounds // 3)}) after warm-up; "
           "moe: median (farthest round from it, rounds)")
     print("  moe    = MoE layer, dropless, CPU expert kernel  loop   = same, argsort+split+unbind loop")
+    print("           (one mm per expert; with 2+ threads, experts side by side on 1-thread workers)")
     print("  experts = the MoE layer's experts alone on rows already grouped by expert (no router, no gather or")
     print("           scatter): what E small matmuls cost against one large one, the floor of `moe` on this CPU")
-    print("           (one mm per expert; with 2+ threads, experts side by side on 1-thread workers)")
     print(
         f"  capped = MoE layer, capacity factor {CAPACITY_FACTOR}      einsum = one-hot GShard dispatch, same cf"
     )
@@ -146,8 +146,8 @@ def main(rounds: int | None = None) -> None:
                        for name in ("experts", "loop", "capped", "einsum")}
                 print(
                     f"{threads:>7} {num_experts:>3} {k:>2} {r['dense_ms']:>9.1f} {r['moe_ms']:>7.1f} "
-                    f"{fmt(r['moe'], 2):>22} {med['experts']:>8.2f} {med['loop']:>6.2f} {med['capped']:>7.2f} {100 * r['drop']:>6.1f} "
-                    f"{med['einsum']:>7.2f} {os.getloadavg()[0]:>5.1f}",
+                    f"{fmt(r['moe'], 2):>22} {med['experts']:>8.2f} {med['loop']:>6.2f} {med['capped']:>7.2f} "
+                    f"{100 * r['drop']:>6.1f} {med['einsum']:>7.2f} {os.getloadavg()[0]:>5.1f}",
                     flush=True,
                 )
     torch.set_num_threads(default_threads)

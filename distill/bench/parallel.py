@@ -204,10 +204,10 @@ def print_scale(label: str, ranks: list[dict[str, Any]], steps: int) -> None:
 
 
 def print_scale_header() -> None:
-    print(f"\n4. Expert-parallel throughput: {SCALE_WORLD} processes of 1 thread (2 devices) vs 1 process of 1 thread "
-          f"(1 device), same\n  global batch, step by step in turn; throughput = one-process wall / layout wall (the "
-          f"slower rank). Also\n  vs 1 process of {SCALE_WORLD} threads (the same cores as the ranks: intra-op threads "
-          "instead of expert parallelism).")
+    print(f"\n4. Expert-parallel throughput: {SCALE_WORLD} processes of 1 thread ({SCALE_WORLD} devices) vs 1 process "
+          "of 1 thread (1 device),\n  same global batch, step by step in turn; throughput = one-process wall / layout "
+          f"wall (the slower rank).\n  Also vs 1 process of {SCALE_WORLD} threads (the same cores as the ranks: "
+          "intra-op threads instead of expert parallelism).")
 
 
 def print_scale_footer() -> None:

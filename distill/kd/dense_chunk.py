@@ -58,11 +58,11 @@ def dense_chunk(s: torch.Tensor, t: torch.Tensor | None, tgt: torch.Tensor | Non
             t_ce = log_p.gather(-1, tix).squeeze(1).neg_().mul_(ok)
         p = log_p.exp()
         kd = torch.linalg.vecdot(p, log_p) - torch.linalg.vecdot(p, log_q)
-        if need:
-            coef = a_ce * ok + a_kd if ok is not None else torch.full_like(kd, a_kd)
-            g = log_q.exp_().mul_(coef[:, None]).sub_(p, alpha=a_kd)
-            if ok is not None:
-                g.scatter_add_(-1, tix, (-a_ce * ok)[:, None].to(g.dtype))
+        if need and ok is None:  # KD alone: a_kd (q - p)
+            g = log_q.exp_().sub_(p).mul_(a_kd)
+        elif need:
+            g = log_q.exp_().mul_((a_ce * ok + a_kd)[:, None]).sub_(p, alpha=a_kd)
+            g.scatter_add_(-1, tix, (-a_ce * ok)[:, None].to(g.dtype))
         return ce, kd, t_ce, g
     if log_q is not None and need:  # the CE's gradient, a_ce * (softmax - onehot) on valid rows
         coef = (a_ce * ok)[:, None].to(log_q.dtype)
