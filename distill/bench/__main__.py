@@ -17,25 +17,21 @@ raises is reported, the others still run, and the exit status is 1.
 
 from __future__ import annotations
 
+# Transparent huge pages for large CPU tensors: on by default for every entry point (distill/__init__.py).
+import argparse
+import importlib
+import json
+import logging
 import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
 
-# Before torch is imported: PyTorch's CPU allocator puts tensors >= 2 MB on transparent huge pages, so
-# a step's large fresh buffers (activations, expert gradients) are not dominated by 4 KB page faults.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import distill.bench as bench  # noqa: E402
+import distill.bench as bench
 
 # modules of distill.bench with a main(); add yours here
 SECTIONS = ["moe", "train", "targets", "generation", "parallel", "optim", "alltoall", "gpu"]
