@@ -148,11 +148,16 @@ def test_dtensor_params():
             assert torch.equal(p, d.full_tensor())
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(ref_opt.state[p][key], opt.state[d][key].full_tensor())
-        # the app's optimizer on a mesh on CPU: whole local shards, no DTensor dispatch per op; plain: torch's
+        # the app's optimizer on CPU: torch's fused AdamW, plain or on a mesh; without the fused step, on a mesh
+        # whole local shards (no DTensor dispatch per op), plain torch's single-tensor AdamW
         on_mesh, plain_module = torch.nn.Module(), torch.nn.Module()
         on_mesh.w, plain_module.w = sharded[2], plain[2]
-        assert build_optimizer(on_mesh, OptimConfig(), 4)[0].tile_size == WHOLE
-        assert type(build_optimizer(plain_module, OptimConfig(), 4)[0]) is torch.optim.AdamW
+        for module in (on_mesh, plain_module):
+            opt = build_optimizer(module, OptimConfig(), 4)[0]
+            assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True
+        assert build_optimizer(on_mesh, OptimConfig(), 4, fused=False)[0].tile_size == WHOLE
+        unfused = build_optimizer(plain_module, OptimConfig(), 4, fused=False)[0]
+        assert type(unfused) is torch.optim.AdamW and not unfused.defaults["fused"]
     finally:
         dist.destroy_process_group()
 
@@ -179,9 +184,9 @@ def test_non_contiguous_params_tile_by_rows():
 
 
 def test_build_optimizer_uses_tile_size():
-    """Through `build_optimizer` with its LR schedule: tiled vs untiled (torch's default AdamW)."""
+    """Through `build_optimizer` with its LR schedule: tiled vs untiled (torch's single-tensor AdamW)."""
     ref, tiled = make_model(), make_model()
-    ref_opt, ref_sched = build_optimizer(ref, OptimConfig(warmup_steps=2), max_steps=6)
+    ref_opt, ref_sched = build_optimizer(ref, OptimConfig(warmup_steps=2), max_steps=6, fused=False)
     opt, sched = build_optimizer(tiled, OptimConfig(warmup_steps=2, tile_size=7).validate(), max_steps=6)
     assert type(ref_opt) is torch.optim.AdamW and isinstance(opt, TiledAdamW) and opt.tile_size == 7
     for s in range(4):
@@ -214,3 +219,52 @@ def test_unsupported_flags_rejected(flag):
     p.grad = torch.ones(2)
     with pytest.raises(ValueError, match=flag):
         opt.step()
+
+
+def test_fused_cpu_adamw_on_dtensors_equals_the_plain_update():
+    """The app's CPU optimizer (torch's fused AdamW) on DTensor shards makes the update it makes on plain
+    tensors, and both agree with the single-tensor AdamW to rounding."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shapes = {"experts": (4, 40, 50), "norm": (300,), "proj": (50, 40)}
+        torch.manual_seed(0)
+        start = {k: torch.randn(v) for k, v in shapes.items()}
+        ref, plain, sharded = torch.nn.Module(), torch.nn.Module(), torch.nn.Module()
+        for k, v in start.items():
+            ref.register_parameter(k, torch.nn.Parameter(v.clone()))
+            plain.register_parameter(k, torch.nn.Parameter(v.clone()))
+            sharded.register_parameter(k, torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])))
+        opts = [build_optimizer(m, OptimConfig(lr=3e-3, warmup_steps=0), 10, fused=f)[0]
+                for m, f in ((ref, False), (plain, True), (sharded, True))]
+        assert [bool(o.defaults["fused"]) for o in opts] == [False, True, True]
+        for _ in range(3):
+            for k, v in shapes.items():
+                g = torch.randn(v)
+                ref.get_parameter(k).grad, plain.get_parameter(k).grad = g.clone(), g.clone()
+                sharded.get_parameter(k).grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            for opt in opts:
+                opt.step()
+        for k, v in start.items():
+            r, p, q = ref.get_parameter(k), plain.get_parameter(k), sharded.get_parameter(k)
+            assert isinstance(q, DTensor) and torch.equal(p, q.full_tensor()), k
+            torch.testing.assert_close(p, r, rtol=0, atol=1e-6)
+            assert (p - v).abs().max() > 3e-3  # three steps of lr 3e-3 moved every tensor: not a vacuous match
+            assert isinstance(opts[2].state[q]["exp_avg"], DTensor)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", False)])
+def test_lightning_optimizers_fuse_except_under_mixed_precision(precision, fused):
+    """Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients: there, not fused."""
+    import lightning as L
+
+    from distill.train.optim import lightning_optimizers
+
+    module = L.LightningModule()
+    module.trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
+    got = lightning_optimizers(module, make_model(), OptimConfig(), 10)
+    assert bool(got["optimizer"].defaults["fused"]) is fused and got["lr_scheduler"]["interval"] == "step"

@@ -1,4 +1,5 @@
-"""Peak temporary memory of one AdamW step: untiled (torch's single-tensor AdamW) vs `TiledAdamW`.
+"""Peak temporary memory of one AdamW step: untiled (torch's single-tensor AdamW) vs `TiledAdamW`, and torch's
+fused AdamW (the app's choice on CPU without `optim.tile_size`, `distill.train.optim`).
 
 The model is a stack of E experts (w_in [E, d, f], w_out [E, f, d], d = f = 256) plus a dense part
 (an embedding and a few matrices, the same for every E). Each measurement runs in a fresh process:
@@ -14,7 +15,7 @@ machine every op split over threads waits milliseconds for a descheduled thread,
 step when tiled. The step times printed are that one thread's (median of the repeats).
 
 Recorded (`distill.bench.record`): for each E, the untiled and tiled peaks (MiB) and step times (ms) of every
-repeat in the child (`--reps N`: N repeats, default 3).
+repeat in the child (`--reps N`: N repeats, default 3); the fused step's too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ EXPERTS = (8, 32, 128)
 TILE = 65536  # elements (256 KiB in fp32)
 DENSE = {"embed": (2048, D), "qkv": (D, 3 * D), "proj": (D, D), "norm": (D,)}
 REPEATS = 3
+FUSED = -1  # `child`'s tile_size for torch's fused AdamW
 MIB = float(1 << 20)
 
 
@@ -57,7 +59,8 @@ def build(num_experts: int) -> torch.nn.Module:
 
 
 def child(num_experts: int, tile_size: int, repeats: int = REPEATS) -> dict[str, object]:
-    """In a fresh process: peak RSS increase (bytes) during `opt.step()` once the state exists."""
+    """In a fresh process: peak RSS increase (bytes) during `opt.step()` once the state exists. `tile_size`:
+    > 0 TiledAdamW, 0 torch's single-tensor AdamW, FUSED torch's fused AdamW."""
     from distill.models import configure_optimizer_groups
     from distill.train.tiled_adamw import TiledAdamW
 
@@ -65,8 +68,10 @@ def child(num_experts: int, tile_size: int, repeats: int = REPEATS) -> dict[str,
     torch.manual_seed(0)
     model = build(num_experts)
     groups = configure_optimizer_groups(model, 0.1)
-    if tile_size:
-        opt: torch.optim.Optimizer = TiledAdamW(groups, lr=1e-3, tile_size=tile_size)
+    if tile_size == FUSED:
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=1e-3, fused=True)
+    elif tile_size:
+        opt = TiledAdamW(groups, lr=1e-3, tile_size=tile_size)
     else:
         opt = torch.optim.AdamW(groups, lr=1e-3, foreach=False)  # what foreach=None picks on CPU
     opt.step()  # creates exp_avg / exp_avg_sq: from here on only temporaries are allocated
@@ -102,26 +107,29 @@ def main() -> None:
     print("AdamW step peak temporary memory (RSS high-water mark during opt.step(), fresh process each);")
     print(f"  E experts of w_in [E,{D},{F_HIDDEN}] + w_out [E,{F_HIDDEN},{D}], plus a fixed dense part "
           f"({sum(torch.Size(s).numel() for s in DENSE.values()) * 4 / MIB:.1f} MiB); fp32")
-    print(f"  untiled = torch.optim.AdamW(foreach=False) (the CPU default); tiled = TiledAdamW(tile_size={TILE})")
+    print(f"  untiled = torch.optim.AdamW(foreach=False) (torch's CPU default); tiled = TiledAdamW(tile_size={TILE});")
+    print("  fused = torch.optim.AdamW(fused=True) (the app's CPU choice without optim.tile_size)")
     header = (f"{'E':>4} {'params MiB':>10} {'largest MiB':>11} {'untiled MiB':>20} {'tiled MiB':>20} "
-              f"{'ratio':>6} {'untiled ms':>20} {'tiled ms':>20}")
+              f"{'ratio':>6} {'untiled ms':>20} {'tiled ms':>20} {'fused MiB':>10} {'fused ms':>20}")
     print(header)
     print("-" * len(header))
     tiled_peaks = []
     bound = 2 * TILE * 4 + (1 << 20)  # two fp32 tiles (sqrt and quotient) + 1 MiB of slack
     for num_experts in EXPERTS:
-        untiled, tiled = measure(num_experts, 0), measure(num_experts, TILE)
+        untiled, tiled, fused = measure(num_experts, 0), measure(num_experts, TILE), measure(num_experts, FUSED)
         tiled_peaks.append(tiled["temp"])
         record(f"untiled AdamW step peak temp, E={num_experts}", [t / MIB for t in untiled["temps"]], unit="MiB")
         record(f"tiled AdamW step peak temp, E={num_experts}", [t / MIB for t in tiled["temps"]], unit="MiB",
                goal=f"<= {bound / MIB:.2f} MiB (2 tiles + 1 MiB)")
         record(f"untiled AdamW step ms, E={num_experts}", untiled["times_ms"], unit="ms")
         record(f"tiled AdamW step ms, E={num_experts}", tiled["times_ms"], unit="ms")
+        record(f"fused AdamW step peak temp, E={num_experts}", [t / MIB for t in fused["temps"]], unit="MiB")
+        record(f"fused AdamW step ms, E={num_experts}", fused["times_ms"], unit="ms")
         print(
             f"{num_experts:>4} {untiled['params'] / MIB:>10.1f} {untiled['largest'] / MIB:>11.1f} "
             f"{fmt([t / MIB for t in untiled['temps']], 2):>20} {fmt([t / MIB for t in tiled['temps']], 2):>20} "
             f"{untiled['temp'] / max(tiled['temp'], 4096):>6.1f} {fmt(untiled['times_ms'], 1):>20} "
-            f"{fmt(tiled['times_ms'], 1):>20}",
+            f"{fmt(tiled['times_ms'], 1):>20} {fused['temp'] / MIB:>10.2f} {fmt(fused['times_ms'], 1):>20}",
             flush=True,
         )
     flat = max(tiled_peaks) <= bound

@@ -124,7 +124,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor
 
 
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
-    """The app's optimizer (`build_optimizer`: torch's AdamW on one process, on local shards on a mesh)."""
+    """The app's optimizer (`build_optimizer`: torch's fused AdamW on CPU, plain or on a mesh)."""
     return build_optimizer(model, OptimConfig(lr=1e-4), max_steps=1000)[0]
 
 

@@ -27,7 +27,7 @@ from distill.kd.targets import lm_sparse_kd_from_config, routes_from_batch, targ
 from distill.losses import lm_loss
 from distill.models import ModelConfig
 from distill.train.lm_module import LMModule, loss_mask, split_batch
-from distill.train.optim import build_optimizer
+from distill.train.optim import lightning_optimizers
 from distill.train.teacher import LMTeacher, _TeacherSlot
 
 
@@ -139,9 +139,8 @@ class DistillModule(LMTeacher, LMModule):
         """The student's optimizer; with a hidden-state projection, that is trained too."""
         if self.hidden_proj is None:
             return super().configure_optimizers()
-        trained = torch.nn.ModuleList([self.model, self.hidden_proj])
-        opt, sched = build_optimizer(trained, self.optim, self.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return lightning_optimizers(self, torch.nn.ModuleList([self.model, self.hidden_proj]), self.optim,
+                                    self.max_steps)
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from distill.kd.fused import fused_head_loss
 from distill.losses import is_dtensor, lm_loss
 from distill.models import GPT, ModelConfig
 from distill.models.fused import FUSED_LAYOUT
-from distill.train.optim import build_optimizer
+from distill.train.optim import lightning_optimizers
 
 LM_CHUNK = 1024  # tokens per chunk of the fused head and loss in LM training (KDConfig.chunk_size's default)
 
@@ -154,5 +154,4 @@ class LMModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        opt, sched = build_optimizer(self.model, self.optim, self.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return lightning_optimizers(self, self.model, self.optim, self.max_steps)

@@ -27,7 +27,7 @@ from distill.kd import KDConfig, KDSchedule, kd_loss_from_config
 from distill.models.fused import FUSED_LAYOUT
 from distill.models.vl_config import VLMoEConfig
 from distill.models.vlmoe import VLMoE
-from distill.train.optim import build_optimizer
+from distill.train.optim import lightning_optimizers
 from distill.train.teacher import LazyTeacher, _TeacherSlot
 from distill.vl.masking import IGNORE_INDEX, MaskingConfig, mask_images, mask_text
 
@@ -260,5 +260,4 @@ class VLModule(LazyTeacher, L.LightningModule):
         checkpoint["distill"] = {"teacher": self.teacher_info, "kd_stop_step": stop}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt, sched = build_optimizer(self.model, self.optim, self.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return lightning_optimizers(self, self.model, self.optim, self.max_steps)
