@@ -16,7 +16,7 @@ nothing here imports Lightning). Works on a model built on the meta device (then
    parallelism with replicated experts. Where the ranks holding the same experts are this rank alone (ep
    takes every data-parallel rank, e.g. ep=2 on 2 ranks) and no mixed precision casts them, the experts stay
    out of FSDP (nothing to shard, gather or reduce; FSDP would only copy them in and out each step): their
-   gradients are divided by the data-parallel ranks as they leave the local weights (`_ScaleGrad`).
+   gradients are divided by the data-parallel ranks in the experts' backward (`_LocalExpertWeights`).
 """
 
 from __future__ import annotations
@@ -64,29 +64,42 @@ class _ScaleGrad(torch.autograd.Function):
 
 class _LocalExpertWeights:
     """Forward hooks of a GroupedExperts module whose parameters are DTensors: inside its forward the
-    parameters are their local tensors (differentiable views: the gradient reaches the DTensor), their
-    gradients multiplied by `grad_scale` on the way (set where no FSDP reduction divides them)."""
+    parameters are their local tensors (differentiable views: the gradient reaches the DTensor).
+
+    With a `grad_scale` (set where no FSDP reduction divides them) the parameters' gradients come out
+    multiplied by it: the gradient entering the experts' backward (at their output) is multiplied by it, and the
+    one leaving it for their input divided by it. Every parameter gradient is linear in the first and the input
+    gets its own back, for two passes over the rows instead of a fresh copy of every expert weight gradient."""
 
     def __init__(self, module: nn.Module):
         self.grad_scale = 1.0
         self.swapped: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scaling = False
         module.register_forward_pre_hook(self.pre)
         module.register_forward_hook(self.post, prepend=True)  # before FSDP's post-forward reshard
 
-    def pre(self, module: nn.Module, args: Any) -> None:
+    def pre(self, module: nn.Module, args: Any) -> Any:
+        trained = False
         for name, p in list(module._parameters.items()):
             if isinstance(p, DTensor):
                 local = p.to_local()
-                if self.grad_scale != 1.0 and torch.is_grad_enabled() and p.requires_grad:
-                    local = _ScaleGrad.apply(local, self.grad_scale)
+                trained |= p.requires_grad
                 module._parameters[name] = local  # type: ignore[assignment]
                 self.swapped[name] = (p, local)
+        self.scaling = self.grad_scale != 1.0 and torch.is_grad_enabled() and trained
+        if self.scaling:
+            return (_ScaleGrad.apply(args[0], 1.0 / self.grad_scale), *args[1:])
+        return None
 
-    def post(self, module: nn.Module, args: Any, out: Any) -> None:
+    def post(self, module: nn.Module, args: Any, out: Any) -> Any:
         for name, (p, local) in self.swapped.items():
             if module._parameters.get(name) is local:
                 module._parameters[name] = p  # type: ignore[assignment]
         self.swapped = {}
+        if self.scaling:
+            self.scaling = False
+            return _ScaleGrad.apply(out, self.grad_scale)
+        return None
 
 
 def shard_experts(layer: MoELayer, ep_mesh: Any, timer: CommTimer | None = None, dispatcher: Any = None,
