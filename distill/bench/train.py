@@ -7,11 +7,13 @@
   on the modules' own paths: `DistillModule.teacher_outputs(inputs)` and `LMModule.lm_terms(batch)` + backward.
 
 Every figure is recorded (`distill.bench.record`) from its repeats: the tokens/s of each timed step, and the
-ratios of each round (one round runs the three fits in turn, so machine noise hits them alike).
+ratios of each round (one round runs the three fits in a fresh random order, so machine noise and drift hit
+them alike, none always first).
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from pathlib import Path
@@ -136,15 +138,20 @@ def main() -> None:
         kd = DistillModule(student_cfg, OptimConfig(), KDSchedule(KDConfig(), STEPS), teacher_loader=source.load)
         theory = theoretical_kd_ratios(kd, LMModule(student_cfg, OptimConfig(), STEPS), reps(8))
         del kd
+        fits = {
+            "base": lambda: LMModule(student_cfg, OptimConfig(), STEPS),
+            "on": lambda: DistillModule(student_cfg, OptimConfig(), KDSchedule(KDConfig(), STEPS),
+                                        teacher_loader=source.load),
+            "off": lambda: DistillModule(student_cfg, OptimConfig(), KDSchedule(KDConfig(stop_step=2), STEPS),
+                                         teacher_loader=source.load),
+        }
         on, off = [], []
-        for _ in range(rounds):  # rounds alternate the three runs so machine noise hits them alike
-            base = fit_step_time(LMModule(student_cfg, OptimConfig(), STEPS))
-            kd_on = fit_step_time(DistillModule(student_cfg, OptimConfig(), KDSchedule(KDConfig(), STEPS),
-                                                teacher_loader=source.load))
-            kd_off = fit_step_time(DistillModule(student_cfg, OptimConfig(),
-                                                 KDSchedule(KDConfig(stop_step=2), STEPS), teacher_loader=source.load))
-            on.append(kd_on / base)
-            off.append(kd_off / base)
+        order, rng = list(fits), random.Random(0)
+        for _ in range(rounds):  # each round runs the three fits in a fresh order: noise and drift hit them alike
+            rng.shuffle(order)
+            t = {name: fit_step_time(fits[name]()) for name in order}
+            on.append(t["on"] / t["base"])
+            off.append(t["off"] / t["base"])
     t = record("KD-on theory: 1 + teacher fwd / student fwd+bwd", theory)
     record("distillation / student-only step, KD on", on, goal=f"within 5% of {t:.3f} (theory)")
     record("distillation / student-only step, after KD stop", off, goal="1.00 +- 0.03")
