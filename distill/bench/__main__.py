@@ -17,7 +17,6 @@ raises is reported, the others still run, and the exit status is 1.
 
 from __future__ import annotations
 
-# Transparent huge pages for large CPU tensors: on by default for every entry point (distill/__init__.py).
 import argparse
 import importlib
 import json

@@ -4,8 +4,8 @@ For T tokens, width d, expert hidden f, E experts and top-k, the dense baseline 
 size k*f on the same tokens (same FLOPs as the routed experts, so about 1.0 is the physical limit).
 Compared: the experts alone on pre-grouped rows (their matmuls and activation: the floor of the MoE layer on
 this CPU, as E smaller matmuls each read their own weights), the MoE layer (dropless, with its CPU expert
-kernel and with the loop reference; and with capacity factor 1.25) and the one-hot einsum (GShard-style) dispatch of older systems with capacity factor 1.25, as the
-baseline to beat. Each MoE / dense ratio is recorded (`distill.bench.record`) with one sample per interleaved
+kernel and with the loop reference; and with capacity factor 1.25) and the one-hot einsum (GShard-style)
+dispatch of older systems with capacity factor 1.25, as the baseline to beat. Each MoE / dense ratio is recorded (`distill.bench.record`) with one sample per interleaved
 round (`--reps N`: N rounds, default 10); the MoE layer's has the goal "<= 1.15".
 """
 

@@ -14,8 +14,9 @@ and `kd_loss` / `lm_sparse_kd_loss`), with the teacher given as
 The per-chunk math is `distill.kd.dense_chunk` (CE, the KD divergences of `distill.kd.losses._divergence`, one
 log-softmax shared where it can be) and `distill.kd.sparse_chunk.sparse_chunk` / `sparse_grad`; on CPU a chunk
 is at most a few hundred rows, so that its [rows, V] tensors stay in cache (`dense_chunk.cache_rows`).
-Liger-Kernel's technique, in plain torch for CPU and GPU: the gradient d loss / d s_c is made in the forward, then at once grad_h[c] = g_c W and grad_W += g_c^T h_c,
-so the backward only scales the two stored gradients by grad_out.
+Liger-Kernel's technique, in plain torch for CPU and GPU: the gradient d loss / d s_c is made in the forward,
+then at once grad_h[c] = g_c W and grad_W += g_c^T h_c, so the backward only scales the two stored gradients
+by grad_out.
 
 Weights: as the gradients are made in the forward, the function takes the terms' weights and returns one
 differentiable `loss = ce_weight * ce + kd_weight * kd` (its gradient is exact whatever follows); `ce`, `kd` and
